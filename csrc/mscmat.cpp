@@ -1,0 +1,31 @@
+// Schemas of the msa:: operators and the Python module that loads them.
+//
+// Kernels register themselves per device in their own translation units
+// (mscmat_cpu.cpp, cuda/mscmat_cuda.cu); fake (meta) kernels and autograd are
+// registered from Python (msa/ops/_registration.py).
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(msa, m) {
+  // scores[i, j] = sum_h sum_l softmax_l(scale * <q[i,h], k[j,l,h]>) * <u[i,h], v[j,l,h]>
+  // with the softmax over the words l where word_mask[j, l] is true (None: all words).
+  m.def("mscmat_scores(Tensor q, Tensor u, Tensor k, Tensor v, Tensor? word_mask, float scale) -> Tensor");
+  m.def(
+      "mscmat_scores_backward(Tensor grad_scores, Tensor q, Tensor u, Tensor k, Tensor v, Tensor? word_mask, "
+      "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// An empty module: importing msa._C runs the static registrations above.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "Compiled kernels of msa, reached through torch.ops.msa.",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,1 @@
+"""Triton kernels of msa, installed as ``msa.kernels`` (see setup.py)."""

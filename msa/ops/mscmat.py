@@ -1,0 +1,174 @@
+"""The public op ``mscmat_scores``: input checks and the choice of kernel (backend)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from msa.ops import _extension
+from msa.ops.reference import mscmat_scores_ref
+
+if _extension.EXTENSION_LOADED:
+    from msa.ops import _registration  # noqa: F401  (fake kernels and autograd of the compiled op)
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+# Looked up once at import: torch.compile then sees plain constants.
+_COMPILED_KERNELS = {device: _extension.has_kernel(device) for device in ("cpu", "cuda")}
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+_HOW_TO_BUILD = (
+    "reinstall msa from a source checkout so that the extension compiles: "
+    "`pip install --no-build-isolation .` (see README, 'Building')"
+)
+
+
+def _triton_available(device: torch.device) -> bool:
+    return _TRITON_INSTALLED and device.type == "cuda" and importlib.util.find_spec("msa.kernels") is not None
+
+
+def backend_available(backend: str, device: torch.device | str) -> bool:
+    """Whether ``backend`` can run ``mscmat_scores`` on tensors of ``device``."""
+    device = torch.device(device)
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu" and _COMPILED_KERNELS["cpu"]
+    if backend == "cuda":
+        return device.type == "cuda" and _COMPILED_KERNELS["cuda"]
+    if backend == "triton":
+        return _triton_available(device)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device``, fastest first (the order ``backend="auto"`` tries them)."""
+    order = {"cpu": ["cpu"], "cuda": ["cuda", "triton"]}.get(torch.device(device).type, [])
+    return [name for name in order if backend_available(name, device)] + ["reference"]
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str:
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, these are on {device}"
+        return f"msa._C was not built ({_extension.EXTENSION_ERROR or 'no CPU kernel registered'}); {_HOW_TO_BUILD}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors, these are on {device}"
+        return (
+            "msa._C was built without its CUDA kernels; install a CUDA build of torch and the CUDA toolkit, set "
+            "CUDA_HOME, then " + _HOW_TO_BUILD + " (MSA_FORCE_CUDA=1 builds them without a visible GPU)"
+        )
+    if not _TRITON_INSTALLED:
+        return "triton is not installed: `pip install triton`"
+    return f"the 'triton' backend runs on CUDA tensors (or under TRITON_INTERPRET=1), these are on {device}"
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend that ``backend`` names for tensors on ``device``.
+
+    ``"auto"`` (overridable by the ``MSA_BACKEND`` environment variable) picks the first of
+    :func:`available_backends`; an explicit backend that cannot run raises ``RuntimeError`` naming the fix.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        backend = os.environ.get("MSA_BACKEND", "auto") or "auto"
+        if backend == "auto":
+            return available_backends(device)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if not backend_available(backend, device):
+        raise RuntimeError(f"mscmat_scores backend {backend!r} is not available: {_unavailable_reason(backend, device)}")
+    return backend
+
+
+def _check_inputs(q, u, k, v, word_mask) -> None:
+    for name, tensor, rank, layout in (
+        ("q", q, 3, "[Ni, H, Dh]"),
+        ("u", u, 3, "[Ni, H, Dh]"),
+        ("k", k, 4, "[Nt, L, H, Dh]"),
+        ("v", v, 4, "[Nt, L, H, Dh]"),
+    ):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"mscmat_scores: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != rank:
+            raise ValueError(f"mscmat_scores: {name} must be {layout}, got shape {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"mscmat_scores: {name} must be a floating-point tensor, got {tensor.dtype}")
+    if u.shape != q.shape:
+        raise ValueError(f"mscmat_scores: u must have q's shape {tuple(q.shape)} [Ni, H, Dh], got {tuple(u.shape)}")
+    if k.shape[2:] != q.shape[1:]:
+        raise ValueError(
+            f"mscmat_scores: k must be [Nt, L, H={q.shape[1]}, Dh={q.shape[2]}] to match q, got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"mscmat_scores: v must have k's shape {tuple(k.shape)} [Nt, L, H, Dh], got {tuple(v.shape)}")
+    for name, tensor in (("u", u), ("k", k), ("v", v)):
+        if tensor.dtype != q.dtype:
+            raise TypeError(f"mscmat_scores: {name} has dtype {tensor.dtype} but q has {q.dtype}; use one dtype")
+        if tensor.device != q.device:
+            raise ValueError(f"mscmat_scores: {name} is on {tensor.device} but q is on {q.device}; use one device")
+    if word_mask is not None:
+        if not isinstance(word_mask, torch.Tensor):
+            raise TypeError(f"mscmat_scores: word_mask must be a torch.Tensor or None, got {type(word_mask).__name__}")
+        expected = (k.shape[0], k.shape[1])
+        if tuple(word_mask.shape) != expected:
+            raise ValueError(
+                f"mscmat_scores: word_mask must be [Nt, L] = {list(expected)}, got {list(word_mask.shape)}"
+            )
+        if word_mask.is_floating_point() or word_mask.is_complex():
+            raise TypeError(
+                f"mscmat_scores: word_mask must be bool or integer (nonzero = real token), got {word_mask.dtype}; "
+                "additive float masks are not accepted"
+            )
+        if word_mask.device != q.device:
+            raise ValueError(f"mscmat_scores: word_mask is on {word_mask.device} but q is on {q.device}")
+
+
+def mscmat_scores(
+    q: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    word_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Every image x text score of one MSCMAT scale, fused.
+
+    ``scores[i, j] = sum_h sum_l softmax_l(scale * <q[i,h], k[j,l,h]>) * <u[i,h], v[j,l,h]>`` with the softmax
+    over the valid words of text j. A text without a valid word scores exactly 0. Differentiable in q, u, k, v.
+
+    Args:
+        q: image queries [Ni, H, Dh].
+        u: image readout vectors [Ni, H, Dh].
+        k: word keys [Nt, L, H, Dh].
+        v: word values [Nt, L, H, Dh].
+        word_mask: [Nt, L] bool or integer, nonzero = real token (transformers' attention_mask convention);
+            None = every token is real.
+        scale: logit scale; default ``Dh ** -0.5``.
+        backend: "auto" (fastest available for the device, else the reference), "reference", "cpu", "cuda" or
+            "triton". The ``MSA_BACKEND`` environment variable overrides "auto".
+
+    Returns:
+        scores [Ni, Nt] in the inputs' dtype.
+    """
+    _check_inputs(q, u, k, v, word_mask)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scale = float(scale)
+    chosen = resolve_backend(backend, q.device)
+    if word_mask is not None and word_mask.dtype != torch.bool:
+        word_mask = word_mask != 0
+    if chosen == "reference":
+        return mscmat_scores_ref(q, u, k, v, word_mask, scale)
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return q.new_zeros((q.shape[0], k.shape[0]))
+    if chosen == "triton":
+        from msa.kernels import mscmat_scores_triton
+
+        return mscmat_scores_triton(q, u, k, v, word_mask, scale)
+    return torch.ops.msa.mscmat_scores(q, u, k, v, word_mask, scale)
