@@ -74,7 +74,7 @@ inline double exp_approx(double x) {
 }
 
 // Turns the logits of one (image, text, head) segment into unnormalised softmax weights e (written over
-// the logits) and returns their maximum; -inf when no word is valid. `keep` is 1 for a valid word and 0 for
+// the logits) and returns their maximum; -inf when no word is valid, NaN when no valid logit is a number. `keep` is 1 for a valid word and 0 for
 // a masked one: a float, not a bool, so that both loops compile to compares and blends and vectorize.
 template <typename scalar_t>
 MSA_ALWAYS_INLINE scalar_t masked_exp_segment(scalar_t* logits, const scalar_t* keep, int64_t num_words,
@@ -88,7 +88,13 @@ MSA_ALWAYS_INLINE scalar_t masked_exp_segment(scalar_t* logits, const scalar_t* 
     row_max = logit > row_max ? logit : row_max;
   }
   if (row_max == kNegInf) {
-    return row_max;
+    const bool any_valid = std::any_of(keep, keep + num_words, [](scalar_t x) { return x != scalar_t(0); });
+    if (!any_valid) {
+      return row_max;
+    }
+    // Every valid logit is NaN or -inf (the max skips NaN): the softmax is undefined, NaN as in torch.
+    std::fill(logits, logits + num_words, std::numeric_limits<scalar_t>::quiet_NaN());
+    return std::numeric_limits<scalar_t>::quiet_NaN();
   }
 #pragma omp simd
   for (int64_t l = 0; l < num_words; ++l) {

@@ -1,0 +1,197 @@
+"""msa.ops.mscmat_scores on the CPU: parity with the reference, gradients, registration, bad inputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from msa.ops import available_backends, mscmat_scores, mscmat_scores_ref, resolve_backend
+from msa.ops import mscmat as dispatcher
+
+needs_cpu_kernel = pytest.mark.skipif(
+    "cpu" not in available_backends("cpu"), reason="msa._C was not built: pip install --no-build-isolation ."
+)
+
+
+def make_inputs(ni, nt, length, heads, head_dim, *, dtype=torch.float32, seed=0, masked=True, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+
+    q, u = randn(ni, heads, head_dim), randn(ni, heads, head_dim)
+    k, v = randn(nt, length, heads, head_dim), randn(nt, length, heads, head_dim)
+    mask = None
+    if masked:
+        mask = torch.rand(nt, length, generator=generator) > 0.4
+        mask[:, 0] = True
+        mask[0] = False  # a fully masked text
+    return q, u, k, v, mask
+
+
+def as_double(*tensors):
+    return [t.detach().double() for t in tensors]
+
+
+GRID = list(itertools.product([1, 7, 97], [1, 7, 97], [1, 30, 33], [1, 12], [8, 64, 80]))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("ni,nt,length,heads,head_dim", GRID)
+def test_forward_matches_reference(ni, nt, length, heads, head_dim):
+    for masked in (False, True):
+        q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, masked=masked)
+        fused = mscmat_scores(q, u, k, v, mask, backend="cpu")
+        expected = mscmat_scores_ref(*as_double(q, u, k, v), mask)
+        assert fused.shape == (ni, nt) and fused.dtype == torch.float32
+        scale = expected.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(fused.double(), expected, rtol=0, atol=2e-6 * scale)
+        if masked:
+            assert torch.all(fused[:, 0] == 0), "a text with no valid word must score exactly 0"
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("ni,nt,length,heads,head_dim", [(7, 97, 33, 12, 8), (97, 7, 30, 1, 80), (33, 40, 1, 3, 64)])
+def test_float32_gradients_match_reference(ni, nt, length, heads, head_dim):
+    q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, requires_grad=True)
+    grad_out = torch.randn(ni, nt, dtype=torch.float64)
+    fused_grads = torch.autograd.grad(mscmat_scores(q, u, k, v, mask, backend="cpu"), (q, u, k, v), grad_out.float())
+    ref_inputs = [t.requires_grad_() for t in as_double(q, u, k, v)]
+    ref_grads = torch.autograd.grad(mscmat_scores_ref(*ref_inputs, mask), ref_inputs, grad_out)
+    for name, fused, ref in zip("quvk", fused_grads, ref_grads):
+        assert torch.isfinite(fused).all(), name
+        torch.testing.assert_close(fused.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().clamp_min(1.0))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck_float64(masked):
+    q, u, k, v, mask = make_inputs(5, 6, 7, 2, 8, dtype=torch.float64, masked=masked, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *x: mscmat_scores(*x, mask, backend="cpu"), (q, u, k, v))
+
+
+@needs_cpu_kernel
+def test_bfloat16_runs_in_float32_and_rounds_once():
+    q, u, k, v, mask = make_inputs(9, 11, 30, 4, 32, dtype=torch.bfloat16)
+    fused = mscmat_scores(q, u, k, v, mask, backend="cpu")
+    assert fused.dtype == torch.bfloat16
+    expected = mscmat_scores_ref(*as_double(q, u, k, v), mask)
+    # The kernel computes in float32 from the bf16 inputs: the only error is the final rounding to bf16.
+    torch.testing.assert_close(fused.double(), expected, rtol=2**-8, atol=1e-5)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck(masked):
+    q, u, k, v, mask = make_inputs(6, 5, 9, 2, 8, masked=masked, requires_grad=True)
+    torch.library.opcheck(torch.ops.msa.mscmat_scores.default, (q, u, k, v, mask, 0.3))
+    grad = torch.randn(6, 5)
+    torch.library.opcheck(
+        torch.ops.msa.mscmat_scores_backward.default, (grad, *(t.detach() for t in (q, u, k, v)), mask, 0.3)
+    )
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_torch_compile_fullgraph(backend):
+    q, u, k, v, mask = make_inputs(8, 9, 10, 2, 16, requires_grad=True)
+
+    def scores_sum(q, u, k, v, mask):
+        return (mscmat_scores(q, u, k, v, mask, backend=backend) * 2.0).sum()
+
+    compiled = torch.compile(scores_sum, fullgraph=True, backend="aot_eager")
+    eager_value = scores_sum(q, u, k, v, mask)
+    eager_grads = torch.autograd.grad(eager_value, (q, u, k, v))
+    compiled_value = compiled(q, u, k, v, mask)
+    compiled_grads = torch.autograd.grad(compiled_value, (q, u, k, v))
+    torch.testing.assert_close(compiled_value, eager_value)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@needs_cpu_kernel
+def test_non_contiguous_and_expanded_inputs():
+    q, u, k, v, mask = make_inputs(6, 5, 9, 3, 8)
+    q_strided = torch.randn(3, 6, 8).transpose(0, 1)  # [6, 3, 8], not contiguous
+    u_expanded = torch.randn(1, 3, 8).expand(6, 3, 8)  # stride 0 along images
+    k_sliced = torch.randn(5, 9, 3, 16)[..., ::2]  # every other element of the last dim
+    int_mask = mask.to(torch.int64)  # transformers' attention_mask dtype
+    fused = mscmat_scores(q_strided, u_expanded, k_sliced, v, int_mask, backend="cpu")
+    expected = mscmat_scores_ref(*as_double(q_strided, u_expanded, k_sliced, v), mask)
+    torch.testing.assert_close(fused.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("ni,nt", [(0, 5), (4, 0), (0, 0)])
+def test_empty_batch_gives_empty_scores(backend, ni, nt):
+    q, u, k, v, mask = make_inputs(ni, nt, 6, 2, 8, masked=False)
+    scores = mscmat_scores(q, u, k, v, backend=backend)
+    assert scores.shape == (ni, nt)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_nan_and_inf_propagate_like_torch(backend):
+    q, u, k, v, mask = make_inputs(4, 5, 6, 2, 8, masked=False)
+    q[1, 0, 0] = float("nan")
+    v[2, 3, 1, 4] = float("inf")
+    scores = mscmat_scores(q, u, k, v, backend=backend)
+    expected = mscmat_scores_ref(q, u, k, v)
+    assert torch.equal(scores.isnan(), expected.isnan())
+    assert torch.isnan(scores[1]).all()
+    assert torch.isinf(scores[[0, 2, 3], 2]).all()
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(scores[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: {**a, "q": a["q"][0]}, r"q must be \[Ni, H, Dh\], got shape \(3, 8\)"),
+        (lambda a: {**a, "u": a["u"][:2]}, r"u must have q's shape \(4, 3, 8\)"),
+        (lambda a: {**a, "k": a["k"][..., :4]}, r"k must be \[Nt, L, H=3, Dh=8\] to match q, got \(5, 6, 3, 4\)"),
+        (lambda a: {**a, "k": a["k"][:, :, :2]}, r"k must be \[Nt, L, H=3, Dh=8\]"),
+        (lambda a: {**a, "v": a["v"][:, :4]}, r"v must have k's shape \(5, 6, 3, 8\)"),
+        (lambda a: {**a, "word_mask": torch.ones(5, 7, dtype=torch.bool)}, r"word_mask must be \[Nt, L\] = \[5, 6\]"),
+        (lambda a: {**a, "word_mask": torch.zeros(5, 6)}, r"word_mask must be bool or integer"),
+        (lambda a: {**a, "v": a["v"].double()}, r"v has dtype torch.float64 but q has torch.float32"),
+        (lambda a: {**a, "k": a["k"].to("meta")}, r"k is on meta but q is on cpu"),
+        (lambda a: {**a, "q": a["q"].long()}, r"q must be a floating-point tensor"),
+    ],
+)
+def test_bad_inputs_name_the_argument(change, message):
+    q, u, k, v, _ = make_inputs(4, 5, 6, 3, 8, masked=False)
+    arguments = change({"q": q, "u": u, "k": k, "v": v, "word_mask": None})
+    with pytest.raises((ValueError, TypeError), match=message):
+        mscmat_scores(**arguments)
+
+
+def test_unknown_backend_is_rejected():
+    q, u, k, v, _ = make_inputs(2, 3, 4, 1, 8, masked=False)
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        mscmat_scores(q, u, k, v, backend="fastest")
+
+
+def test_unavailable_backend_names_the_fix():
+    q, u, k, v, _ = make_inputs(2, 3, 4, 1, 8, masked=False)
+    with pytest.raises(RuntimeError, match="'cuda' backend runs on CUDA tensors"):
+        mscmat_scores(q, u, k, v, backend="cuda")
+
+
+def test_missing_extension_falls_back_to_reference(monkeypatch):
+    monkeypatch.setitem(dispatcher._COMPILED_KERNELS, "cpu", False)
+    assert resolve_backend("auto", "cpu") == "reference"
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        resolve_backend("cpu", "cpu")
+    q, u, k, v, mask = make_inputs(3, 4, 5, 2, 8)
+    torch.testing.assert_close(mscmat_scores(q, u, k, v, mask), mscmat_scores_ref(q, u, k, v, mask))
+
+
+@needs_cpu_kernel
+def test_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv("MSA_BACKEND", "reference")
+    assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("cpu", "cpu") == "cpu"  # an explicit choice wins over the environment
+    monkeypatch.setenv("MSA_BACKEND", "auto")
+    assert resolve_backend("auto", "cpu") == "cpu"
