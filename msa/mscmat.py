@@ -57,7 +57,8 @@ class ScaleAlignment(nn.Module):
         weight_k, weight_v = self.attn.in_proj_weight[dim:].chunk(2)
         bias_k, bias_v = self.attn.in_proj_bias[dim:].chunk(2)
         shape = (nt, length, self.num_heads, dim // self.num_heads)
-        return F.linear(normed_words, weight_k, bias_k).view(shape), F.linear(normed_words, weight_v, bias_v).view(shape)
+        keys = F.linear(normed_words, weight_k, bias_k).view(shape)
+        return keys, F.linear(normed_words, weight_v, bias_v).view(shape)
 
     def logits(
         self,
@@ -99,7 +100,8 @@ class MSCMAT(nn.Module):
         backend: ``mscmat_scores`` backend ("auto" picks the fastest available).
 
     Published parameter names: ``image_query_norm`` = ``ln_pre_t``, ``word_norm`` = ``ln_pre_i``,
-    ``scales[s].fc`` = ``fc{s+1}``, ``scales[s].attn`` = ``cross_attn{s+1}``, ``scales[s].match_fc`` = ``match_fc{s+1}``.
+    ``scales[s].fc`` = ``fc{s+1}``, ``scales[s].attn`` = ``cross_attn{s+1}``,
+    ``scales[s].match_fc`` = ``match_fc{s+1}``.
     """
 
     def __init__(self, scale_channels: Sequence[int], dim: int = 768, num_heads: int = 12, backend: str = "auto"):

@@ -80,7 +80,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if not backend_available(backend, device):
-        raise RuntimeError(f"mscmat_scores backend {backend!r} is not available: {_unavailable_reason(backend, device)}")
+        reason = _unavailable_reason(backend, device)
+        raise RuntimeError(f"mscmat_scores backend {backend!r} is not available: {reason}")
     return backend
 
 
