@@ -1,0 +1,115 @@
+"""Distributed training helpers: process-group set-up from ``torchrun`` variables and the feature all-gather.
+
+MSA's losses (hardest-negative triplet, alignment, consistency) need the score matrices between *all* images and
+*all* texts of the global batch. Each rank encodes its local batch, :func:`all_gather_with_grad` concatenates every
+rank's features, and every rank computes the same global loss ``L``.
+
+Gradient bookkeeping: since all ranks compute the same ``L`` from the same gathered tensor, the gradient of ``L``
+with respect to the gathered tensor is identical on every rank, and its slice for rank ``r`` is exactly
+``dL/d(features of r)``. Keeping only the local slice (as CLIP-style training does) therefore gives each rank its
+share of the encoder gradient, and the full encoder gradient is the *sum* over ranks. DDP, however, *averages*
+gradients — which is right for parameters used after the gather (every rank already holds their full gradient), and
+1/W too small for the encoders. The backward of the gather thus returns ``world_size * local slice``: after DDP's
+averaging, every parameter holds exactly the gradient of ``L`` on the global batch, as a single process would compute
+it, without any communication in the backward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistributedInfo:
+    """Where this process stands: ``rank`` of ``world_size``, ``local_rank`` for device selection."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(backend: str | None = None) -> DistributedInfo:
+    """Initialise the default process group from ``torchrun``'s environment (``RANK``, ``WORLD_SIZE``, ...).
+
+    Without those variables (a plain ``python -m msa.train``) nothing is initialised and a single-process
+    :class:`DistributedInfo` is returned. The backend defaults to NCCL with CUDA, else gloo.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistributedInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+class _AllGatherLocalGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world_size = dist.get_world_size()
+        ctx.rank = dist.get_rank()
+        ctx.world_size = world_size
+        ctx.local_size = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        start = ctx.rank * ctx.local_size
+        # Times world_size: DDP averages, but the encoder gradient is the sum of the ranks' shares (see module doc).
+        return grad[start : start + ctx.local_size] * ctx.world_size
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` [B, ...] of every rank along dim 0 -> [W * B, ...], in rank order.
+
+    The backward keeps the gradient of this rank's slice, scaled by the world size so that DDP's gradient averaging
+    yields the single-process gradient of the global loss (module doc). Every rank must pass the same batch size B
+    (the training sampler drops incomplete batches). Without an initialised process group this is the identity.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _AllGatherLocalGrad.apply(tensor)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor without gradient (e.g. image ids) of every rank along dim 0."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean of a Python number over ranks (for logging)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,136 @@
+"""The retrieval protocol of remote-sensing image-text retrieval (RSICD, RSITMD, UCM, Sydney, NWPU).
+
+Given a similarity matrix ``S`` [N_img, N_txt] (rows images, columns texts) and ``text_to_image`` [N_txt]:
+
+- image -> text: the rank of image ``i`` is the best rank among its captions;
+- text -> image: the rank of text ``t`` is the rank of its one image ``text_to_image[t]``;
+- R@K is the percentage of queries whose rank is <= K (ranks are 1-based), mR the mean of the six R@K, and the
+  median rank is ``floor(median(rank0)) + 1`` over the queries (``rank0`` 0-based, as in VSE++).
+
+Ties are broken *against* the query, deterministically and independently of the candidates' order: the 0-based rank
+is the number of wrong candidates scoring at least as high as the best correct one. For image -> text, the image's
+other captions never count (any of them is a correct answer). Sorting-based code (``argsort``) instead breaks ties by
+position, which rewards duplicate captions (RSICD's test split has 5465 captions but only ~3331 distinct strings)
+differently depending on dataset order.
+
+Any number of captions per image is supported (not only five in image-major order); an image without a caption is
+not an image -> text query. The matrix is processed in blocks of ``chunk_size`` rows and columns, so the temporary
+memory is O(chunk_size * max(N_img, N_txt)) whatever the matrix size (RSICD 1093 x 5465, NWPU 3150 x 15750).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+
+
+def retrieval_ranks(
+    similarity: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks of every image query and every text query (ties against the query, see the module doc).
+
+    Args:
+        similarity: [N_img, N_txt] scores, larger is more similar (any float dtype, any device; no NaN).
+        text_to_image: [N_txt] index of each text's image.
+        chunk_size: rows (then columns) processed at a time.
+
+    Returns:
+        ``(i2t_ranks, t2i_ranks)``: [N_img'] (only images with at least one caption, in index order) and [N_txt],
+        int64 on the CPU.
+    """
+    if similarity.dim() != 2:
+        raise ValueError(f"similarity must be [N_img, N_txt], got shape {tuple(similarity.shape)}")
+    num_images, num_texts = similarity.shape
+    owner = torch.as_tensor(text_to_image, dtype=torch.long, device=similarity.device)
+    if owner.shape != (num_texts,):
+        raise ValueError(f"text_to_image must have shape ({num_texts},), got {tuple(owner.shape)}")
+    if num_texts and (owner.min() < 0 or owner.max() >= num_images):
+        raise ValueError(f"text_to_image values must lie in [0, {num_images}), got [{owner.min()}, {owner.max()}]")
+    if torch.isnan(similarity).any():
+        raise ValueError("similarity contains NaN; ranks would be undefined")
+
+    i2t_ranks = []
+    has_caption = torch.zeros(num_images, dtype=torch.bool, device=similarity.device)
+    has_caption[owner] = True
+    for start in range(0, num_images, chunk_size):
+        block = similarity[start : start + chunk_size]
+        rows = torch.arange(start, start + block.shape[0], device=similarity.device)
+        positive = owner.unsqueeze(0) == rows.unsqueeze(1)
+        best_positive = block.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+        i2t_ranks.append(((block >= best_positive) & ~positive).sum(dim=1))
+    i2t = torch.cat(i2t_ranks)[has_caption] if i2t_ranks else torch.zeros(0, dtype=torch.long)
+
+    t2i_ranks = []
+    for start in range(0, num_texts, chunk_size):
+        block = similarity[:, start : start + chunk_size]
+        cols = torch.arange(block.shape[1], device=similarity.device)
+        positive_score = block[owner[start : start + block.shape[1]], cols]
+        # ">=" counts the correct image itself once; images tying with it count against the query.
+        t2i_ranks.append((block >= positive_score.unsqueeze(0)).sum(dim=0) - 1)
+    t2i = torch.cat(t2i_ranks) if t2i_ranks else torch.zeros(0, dtype=torch.long)
+    return i2t.long().cpu(), t2i.long().cpu()
+
+
+def _recall(ranks: torch.Tensor, k: int) -> float:
+    return 100.0 * (ranks < k).double().mean().item() if ranks.numel() else float("nan")
+
+
+def _median_rank(ranks: torch.Tensor) -> float:
+    if not ranks.numel():
+        return float("nan")
+    return float(torch.floor(torch.quantile(ranks.double(), 0.5)).item() + 1)
+
+
+def retrieval_metrics(
+    similarity: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 1024
+) -> dict[str, float]:
+    """Recall@1/5/10 both ways, mR, median and mean ranks of a similarity matrix.
+
+    Args:
+        similarity: [N_img, N_txt] scores, rows images, columns texts.
+        text_to_image: [N_txt] index of each text's image.
+        chunk_size: rows/columns processed at a time (bounds the temporary memory).
+
+    Returns:
+        ``i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, mR`` (percentages), ``i2t_medr, t2i_medr`` (1-based median
+        ranks), ``i2t_meanr, t2i_meanr`` (1-based mean ranks), ``num_images, num_texts`` (the query counts).
+    """
+    i2t, t2i = retrieval_ranks(similarity, text_to_image, chunk_size)
+    metrics = {
+        "i2t_r1": _recall(i2t, 1),
+        "i2t_r5": _recall(i2t, 5),
+        "i2t_r10": _recall(i2t, 10),
+        "t2i_r1": _recall(t2i, 1),
+        "t2i_r5": _recall(t2i, 5),
+        "t2i_r10": _recall(t2i, 10),
+    }
+    metrics["mR"] = sum(metrics.values()) / 6.0
+    metrics["i2t_medr"] = _median_rank(i2t)
+    metrics["t2i_medr"] = _median_rank(t2i)
+    metrics["i2t_meanr"] = i2t.double().mean().item() + 1 if i2t.numel() else float("nan")
+    metrics["t2i_meanr"] = t2i.double().mean().item() + 1 if t2i.numel() else float("nan")
+    metrics["num_images"] = float(i2t.numel())
+    metrics["num_texts"] = float(t2i.numel())
+    return metrics
+
+
+def metrics_table(rows: dict[str, dict[str, float]], title: str = "scoring") -> str:
+    """A GitHub markdown table, one row per entry of ``rows`` (e.g. per scoring mode or per seed).
+
+    Values may be floats or ``(mean, std)`` pairs (printed ``mean ± std``).
+    """
+    columns = [*METRIC_KEYS, "i2t_medr", "t2i_medr"]
+    lines = [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, values in rows.items():
+        cells = []
+        for key in columns:
+            value = values.get(key, float("nan"))
+            if isinstance(value, tuple):
+                cells.append(f"{value[0]:.2f} ± {value[1]:.2f}")
+            else:
+                cells.append(f"{value:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,288 @@
+"""Annotation loaders on every real annotation file, val carve-out, noise protocol, images, leakage check."""
+
+import collections
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from msa.data import (
+    AnnotationError,
+    CaptionPairDataset,
+    EpochSampler,
+    ImageLoadError,
+    add_caption_noise,
+    build_augmentation,
+    carve_val,
+    check_images,
+    collate_pairs,
+    find_shared_images,
+    load_annotations,
+    load_caption_csv,
+    load_image,
+    load_nwpu_json,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CAPTIONS = DATA / "rs_captions"
+MINI = DATA / "rs_mini"
+needs_captions = pytest.mark.skipif(not CAPTIONS.is_dir(), reason=f"real annotations not found at {CAPTIONS}")
+needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason=f"rs_mini images not found at {MINI}")
+
+
+@needs_captions
+@pytest.mark.parametrize(
+    "name, filename, expected",
+    [
+        ("ucm", "dataset_ucm.json", {"train": (1680, 8400), "val": (210, 1050), "test": (210, 1050)}),
+        ("sydney", "dataset_sydney.json", {"train": (497, 2485), "val": (58, 290), "test": (58, 290)}),
+        ("rsicd", "dataset_rsicd.json", {"train": (8734, 43668), "val": (1094, 5469), "test": (1093, 5465)}),
+        ("rsitmd", "dataset_rsitmd.json", {"train": (3432, 17160), "val": (859, 4295), "test": (452, 2260)}),
+        ("nwpu", "nwpu_captions_test.csv", {"test": (3150, 15750)}),
+    ],
+)
+def test_real_annotation_counts(name, filename, expected):
+    annotations = load_annotations(name, annotations=CAPTIONS / filename, skip_bad=True)
+    assert annotations.counts() == expected
+    test = annotations.split("test")
+    assert len(test.captions) == len(test.text_to_image) == expected["test"][1]
+    per_image = collections.Counter(test.text_to_image)
+    assert sorted(per_image) == list(range(expected["test"][0])) and set(per_image.values()) == {5}
+
+
+@needs_captions
+def test_rsicd_empty_captions_error_or_are_counted():
+    # RSICD holds 3 empty sentences (2 train, 1 val): an error naming the image by default, counted with skip_bad.
+    with pytest.raises(AnnotationError, match="bridge_218.jpg"):
+        load_annotations("rsicd", annotations=CAPTIONS / "dataset_rsicd.json")
+    annotations = load_annotations("rsicd", annotations=CAPTIONS / "dataset_rsicd.json", skip_bad=True)
+    assert annotations.skipped == {"empty_caption": 3}
+    test = annotations.split("test")
+    # Duplicate captions in RSICD test: ties in text->image ranking are real.
+    assert len(set(test.captions)) < 3400
+
+
+@needs_captions
+def test_missing_split_names_the_ones_present():
+    annotations = load_annotations("nwpu", annotations=CAPTIONS / "nwpu_captions_test.csv")
+    with pytest.raises(KeyError, match="splits present"):
+        annotations.split("train")
+
+
+def _karpathy(tmp_path, records, name="dataset.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"dataset": "toy", "images": records}))
+    return path
+
+
+def _record(filename, split, captions):
+    return {"filename": filename, "split": split, "sentences": [{"raw": c, "tokens": c.split()} for c in captions]}
+
+
+def test_dataset_folder_layout_search(tmp_path):
+    (tmp_path / "RSICD_images").mkdir()
+    _karpathy(
+        tmp_path,
+        [_record("a.jpg", "train", ["one ."]), _record("b.jpg", "test", ["two", "  three  "])],
+        "dataset_rsicd.json",
+    )
+    annotations = load_annotations("rsicd", tmp_path)
+    assert annotations.image_root == tmp_path / "RSICD_images"
+    test = annotations.split("test")
+    assert test.captions == ["two", "three"] and test.image_paths == [tmp_path / "RSICD_images" / "b.jpg"]
+    with pytest.raises(FileNotFoundError, match="dataset_RSITMD.json"):
+        load_annotations("rsitmd", tmp_path / "RSICD_images")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_annotations("coco", tmp_path)
+
+
+def test_tokens_used_when_raw_missing(tmp_path):
+    path = _karpathy(tmp_path, [{"filename": "a.tif", "split": "restval", "sentences": [{"tokens": ["a", "b"]}]}])
+    annotations = load_annotations("karpathy", annotations=path)
+    assert annotations.images[0].captions == ["a b"] and annotations.images[0].split == "train"
+
+
+def test_nwpu_json_layout(tmp_path):
+    data = {
+        "airplane": [
+            {
+                "filename": "airplane_001.jpg",
+                "split": "train",
+                "raw": "a plane .",
+                "raw_1": "b",
+                "raw_2": "c",
+                "raw_3": "d",
+                "raw_4": "e",
+                "imgid": 0,
+            },
+            {
+                "filename": "airplane_002.jpg",
+                "split": "test",
+                "raw": "x",
+                "raw_1": "y",
+                "raw_2": "z",
+                "raw_3": "w",
+                "raw_4": "v",
+                "imgid": 1,
+            },
+        ],
+        "beach": [
+            {
+                "filename": "beach_001.jpg",
+                "split": "val",
+                "raw": "sand",
+                "raw_1": "sea",
+                "raw_2": "",
+                "raw_3": "s",
+                "raw_4": "t",
+                "imgid": 2,
+            },
+        ],
+    }
+    (tmp_path / "dataset_nwpu.json").write_text(json.dumps(data))
+    (tmp_path / "images").mkdir()
+    with pytest.raises(AnnotationError, match="beach/beach_001.jpg"):
+        load_annotations("nwpu", tmp_path)
+    annotations = load_annotations("nwpu", tmp_path, skip_bad=True)
+    assert annotations.counts() == {"train": (1, 5), "val": (1, 4), "test": (1, 5)}
+    assert annotations.images[0].captions == ["a plane .", "b", "c", "d", "e"]
+    assert annotations.split("test").image_paths == [tmp_path / "images" / "airplane" / "airplane_002.jpg"]
+    assert load_nwpu_json(tmp_path / "dataset_nwpu.json", skip_bad=True).skipped == {"empty_caption": 1}
+
+
+def test_csv_groups_rows_and_split_from_name(tmp_path):
+    path = tmp_path / "captions_val.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "title"])
+        writer.writerows([["b.jpg", "b one"], ["a.jpg", "a one"], ["b.jpg", "b, two"]])
+    annotations = load_caption_csv(path)
+    split = annotations.split("val")
+    assert [p.name for p in split.image_paths] == ["b.jpg", "a.jpg"]
+    assert split.captions == ["b one", "b, two", "a one"] and split.text_to_image == [0, 0, 1]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,caption\na,b\n")
+    with pytest.raises(AnnotationError, match="filename,title"):
+        load_caption_csv(bad)
+
+
+def test_val_carve_out_is_seeded_by_image_and_keeps_test(tmp_path):
+    records = [_record(f"{i}.jpg", "train", [f"c{i}"]) for i in range(50)] + [_record("t.jpg", "test", ["t"])]
+    annotations = load_annotations("karpathy", annotations=_karpathy(tmp_path, records))
+    carved = carve_val(annotations, fraction=0.2, seed=3)
+    assert carved.counts() == {"train": (40, 40), "val": (10, 10), "test": (1, 1)}
+    # Independent of record order, reproducible, seed-dependent.
+    shuffled = load_annotations("karpathy", annotations=_karpathy(tmp_path, records[::-1], "rev.json"))
+    val = {r.filename for r in carved.images if r.split == "val"}
+    assert val == {r.filename for r in carve_val(shuffled, 0.2, seed=3).images if r.split == "val"}
+    assert val != {r.filename for r in carve_val(annotations, 0.2, seed=4).images if r.split == "val"}
+    # The input is not modified; a dataset with val is returned as is.
+    assert annotations.counts()["train"] == (50, 50)
+    assert carve_val(carved, 0.5) is carved
+
+
+@needs_captions
+def test_carve_out_on_rsitmd_as_distributed():
+    annotations = load_annotations("rsitmd", annotations=CAPTIONS / "dataset_rsitmd.json")
+    for record in annotations.images:
+        if record.split == "val":
+            record.split = "train"  # the distributed file: train 4291 / test 452
+    carved = carve_val(annotations, fraction=0.2, seed=0)
+    counts = carved.counts()
+    assert counts["val"][0] == round(0.2 * 4291) and counts["train"][0] == 4291 - counts["val"][0]
+    assert counts["test"] == (452, 2260)
+
+
+@needs_captions
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6, 0.8])
+def test_noise_protocol_counts(ratio):
+    train = load_annotations("rsitmd", annotations=CAPTIONS / "dataset_rsitmd.json").split("train")
+    noisy, drawn = add_caption_noise(train, ratio, seed=0)
+    assert sum(drawn) == round(ratio * 17160)
+    assert noisy.text_to_image == train.text_to_image and noisy.image_paths == train.image_paths
+    # Rows not drawn are untouched; the drawn rows' captions are a permutation of their original captions.
+    assert all(n == c for n, c, d in zip(noisy.captions, train.captions, drawn) if not d)
+    assert collections.Counter(c for c, d in zip(noisy.captions, drawn) if d) == collections.Counter(
+        c for c, d in zip(train.captions, drawn) if d
+    )
+    changed = sum(n != c for n, c in zip(noisy.captions, train.captions))
+    assert changed > 0.9 * sum(drawn)  # almost all drawn rows now carry another image's caption
+    again, drawn_again = add_caption_noise(train, ratio, seed=0)
+    assert again.captions == noisy.captions and drawn_again == drawn
+    assert add_caption_noise(train, ratio, seed=1)[0].captions != noisy.captions
+
+
+@needs_mini
+def test_real_images_load_and_transform():
+    from torchvision import transforms
+
+    annotations = load_annotations("ucm", annotations=MINI / "ucm" / "dataset.json", image_root=MINI / "ucm" / "images")
+    split = check_images(annotations.split("train"), decode=True)
+    assert split.num_images == 9 and split.num_captions == 45
+    image = load_image(split.image_paths[0])
+    assert image.mode == "RGB" and image.size == (256, 256)
+    transform = transforms.Compose([transforms.Resize(64), transforms.ToTensor()])
+    dataset = CaptionPairDataset(split, transform, build_augmentation(["flip", "rot90", "crop"]), seed=5)
+    first = dataset[7]
+    assert first[0].shape == (3, 64, 64) and first[1] == split.captions[7] and first[2] == 1
+    # Augmentation depends on (seed, epoch, row) only, not on the global RNG state.
+    torch.manual_seed(123)
+    assert torch.equal(dataset[7][0], first[0])
+    batch = collate_pairs([dataset[0], dataset[5], dataset[6]])
+    assert batch["images"].shape == (3, 3, 64, 64) and batch["image_ids"].tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        build_augmentation(["mixup"])
+
+
+@needs_mini
+def test_bad_images_error_or_skip(tmp_path):
+    shutil.copy(MINI / "rsicd" / "images" / "00001.jpg", tmp_path / "good.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    records = [
+        _record("good.jpg", "train", ["a", "b"]),
+        _record("broken.jpg", "train", ["c"]),
+        _record("missing.jpg", "train", ["d", "e"]),
+    ]
+    split = load_annotations("karpathy", annotations=_karpathy(tmp_path, records)).split("train")
+    with pytest.raises(ImageLoadError, match="missing.jpg"):
+        check_images(split)
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        check_images(split, skip_bad=False, decode=True)
+    kept = check_images(split, skip_bad=True, decode=True)
+    assert [p.name for p in kept.image_paths] == ["good.jpg"] and kept.captions == ["a", "b"]
+    assert kept.text_to_image == [0, 0]
+    assert kept.skipped == {"bad_image": 2, "caption_of_bad_image": 3}
+
+
+@needs_mini
+def test_leakage_check_finds_identical_files(tmp_path):
+    rsicd = load_annotations("rsicd", annotations=MINI / "rsicd" / "dataset.json", image_root=MINI / "rsicd" / "images")
+    # A second "dataset" whose test split holds a renamed copy of an RSICD image.
+    shutil.copy(MINI / "rsicd" / "images" / "00003.jpg", tmp_path / "renamed.jpg")
+    shutil.copy(MINI / "ucm" / "images" / "1.tif", tmp_path / "other.tif")
+    records = [_record("renamed.jpg", "test", ["x"]), _record("other.tif", "train", ["y"])]
+    other = load_annotations("karpathy", annotations=_karpathy(tmp_path, records))
+    report = find_shared_images(rsicd, other)
+    assert report.counts == {("train", "test"): 1, ("train", "train"): 0}
+    assert report.shared[("train", "test")][0][:2] == ("00003.jpg", "renamed.jpg")
+    assert "| train | test | 1 |" in report.to_markdown()
+    assert find_shared_images(rsicd).counts == {}  # one split only: nothing to compare
+
+
+def test_epoch_sampler_resume_and_shards():
+    sampler = EpochSampler(23, batch_size=4, seed=7)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    assert len(full) == 20 and len(set(full)) == 20 and sampler.batches_per_epoch() == 5
+    sampler.set_epoch(2, start_batch=3)
+    assert list(sampler) == full[12:]
+    sampler.set_epoch(3)
+    assert list(sampler) != full
+    shards = [EpochSampler(23, batch_size=4, seed=7, rank=r, world_size=2) for r in range(2)]
+    for shard in shards:
+        shard.set_epoch(2)
+    a, b = list(shards[0]), list(shards[1])
+    assert len(a) == len(b) == 8 and not set(a) & set(b)
