@@ -1,9 +1,10 @@
 """Build of msa and its compiled kernels (msa._C).
 
 Knobs (environment variables):
-  MSA_FORCE_CUDA=1       build the CUDA kernels even when no GPU is visible (needs CUDA_HOME and a CUDA torch)
+  CUDA_HOME              the CUDA toolkit; with a CUDA build of torch, the CUDA kernels are built when it is valid
+  MSA_FORCE_CUDA=1       fail instead of building CPU-only when the CUDA kernels cannot be built
   MSA_SKIP_CUDA_BUILD=1  never build the CUDA kernels
-  TORCH_CUDA_ARCH_LIST   architectures for nvcc, e.g. "8.0;9.0" (required when no GPU is visible)
+  TORCH_CUDA_ARCH_LIST   architectures for nvcc (default: the visible GPU's, or "8.0;9.0" when none is visible)
   MAX_JOBS, NVCC_THREADS parallelism of the build
 """
 
@@ -18,13 +19,29 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _cuda_toolkit_ok() -> bool:
+    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
+
+
 def _want_cuda() -> bool:
+    """CUDA kernels are built when this torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME), unless
+    MSA_SKIP_CUDA_BUILD=1; MSA_FORCE_CUDA=1 turns a missing toolkit into an error instead of a CPU-only build."""
     if os.environ.get("MSA_SKIP_CUDA_BUILD", "0") == "1":
         return False
-    cuda_sources = glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
-    if not cuda_sources or CUDA_HOME is None or torch.version.cuda is None:
-        return False
-    return os.environ.get("MSA_FORCE_CUDA", "0") == "1" or torch.cuda.is_available()
+    forced = os.environ.get("MSA_FORCE_CUDA", "0") == "1"
+    has_sources = bool(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+    if has_sources and torch.version.cuda is not None and _cuda_toolkit_ok():
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # No GPU to ask for its architecture: Ampere and Hopper, what CI compiles for.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        return True
+    if forced:
+        raise RuntimeError(
+            "MSA_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME} (needs include/cuda_runtime.h), "
+            f"CUDA sources found: {has_sources}. Set CUDA_HOME to the CUDA toolkit folder."
+        )
+    return False
 
 
 def _extension():
