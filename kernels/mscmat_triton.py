@@ -64,7 +64,16 @@ def _prune(configs, named_args, **kwargs):
 
 _FWD_CONFIGS = _configs((64, 128), (64, 128), (4, 8), (2, 3))
 _BWD_CONFIGS = _configs((64, 128), (64, 128), (4, 8), (2,))
-_AUTOTUNE_KEY = ["L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION", "UPCAST"]
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b on tensor cores (float32 accumulation)."""
+    if UPCAST:
+        # Triton's interpreter multiplies bfloat16 operands wrongly; there the product runs in float32.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -89,6 +98,7 @@ def _load_chunk(
     HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -106,8 +116,8 @@ def _load_chunk(
         valid = row_ok & (word_valid != 0)
     else:
         valid = row_ok
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
-    r = tl.dot(u, tl.trans(v), input_precision=INPUT_PRECISION)
+    s = _mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST) * scale_log2
+    r = _mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
     s3 = tl.reshape(s, (BLOCK_I, BLOCK_T, BLOCK_L))
     r3 = tl.reshape(r, (BLOCK_I, BLOCK_T, BLOCK_L))
     valid3 = tl.reshape(valid, (1, BLOCK_T, BLOCK_L))
@@ -173,6 +183,7 @@ def _mscmat_scores_fwd_kernel(
     BLOCK_L: tl.constexpr,
     HAS_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_I: tl.constexpr = 8,
@@ -208,7 +219,8 @@ def _mscmat_scores_fwd_kernel(
             word_ids = w0 + offs_n % BLOCK_L
             _, _, s3, r3 = _load_chunk(
                 q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, BLOCK_I, BLOCK_T, BLOCK_L,
+                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
+                BLOCK_T, BLOCK_L,
             )  # fmt: skip
             m, den, num = _online_update(m, den, num, s3, r3)
         _, _, head_out = _finalize(m, den, num)
@@ -248,6 +260,7 @@ def _mscmat_scores_bwd_images_kernel(
     BLOCK_L: tl.constexpr,
     HAS_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -278,20 +291,22 @@ def _mscmat_scores_bwd_images_kernel(
             word_ids = offs_n % BLOCK_L
             k, v, s3, r3 = _load_chunk(
                 q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, BLOCK_I, BLOCK_T, BLOCK_L,
+                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
+                BLOCK_T, BLOCK_L,
             )  # fmt: skip
             m, den, num = _online_update(m, den, num, s3, r3)
             m_safe, inv_den, head_out = _finalize(m, den, num)
             ds, dr = _chunk_grads(s3, r3, m_safe, inv_den, head_out, g, scale, BLOCK_I, BLOCK_N)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-            du += tl.dot(dr.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            dq = _mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
+            du = _mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
         else:
             # Long texts: a first pass over the word chunks for the softmax statistics, a second for the grads.
             for w0 in range(0, L, BLOCK_L):
                 word_ids = w0 + offs_n % BLOCK_L
                 _, _, s3, r3 = _load_chunk(
                     q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                    stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, BLOCK_I, BLOCK_T, BLOCK_L,
+                    stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
+                BLOCK_T, BLOCK_L,
                 )  # fmt: skip
                 m, den, num = _online_update(m, den, num, s3, r3)
             m_safe, inv_den, head_out = _finalize(m, den, num)
@@ -299,11 +314,12 @@ def _mscmat_scores_bwd_images_kernel(
                 word_ids = w0 + offs_n % BLOCK_L
                 k, v, s3, r3 = _load_chunk(
                     q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                    stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, BLOCK_I, BLOCK_T, BLOCK_L,
+                    stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
+                BLOCK_T, BLOCK_L,
                 )  # fmt: skip
                 ds, dr = _chunk_grads(s3, r3, m_safe, inv_den, head_out, g, scale, BLOCK_I, BLOCK_N)
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-                du += tl.dot(dr.to(v.dtype), v, input_precision=INPUT_PRECISION)
+                dq = _mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
+                du = _mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
     tl.store(DQ + image_offs, dq.to(DQ.dtype.element_ty), mask=image_mask)
     tl.store(DU + image_offs, du.to(DU.dtype.element_ty), mask=image_mask)
 
@@ -339,6 +355,7 @@ def _mscmat_scores_bwd_words_kernel(
     BLOCK_L: tl.constexpr,
     HAS_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -373,7 +390,8 @@ def _mscmat_scores_bwd_words_kernel(
         if ONE_CHUNK:
             _, _, s3, r3 = _load_chunk(
                 q, u, K, V, Mask, text_ids, own_word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, BLOCK_I, BLOCK_T, BLOCK_L,
+                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
+                BLOCK_T, BLOCK_L,
             )  # fmt: skip
             m, den, num = _online_update(m, den, num, s3, r3)
         else:
@@ -381,17 +399,19 @@ def _mscmat_scores_bwd_words_kernel(
                 word_ids = w0 + offs_n % BLOCK_L
                 _, _, s3, r3 = _load_chunk(
                     q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                    stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, BLOCK_I, BLOCK_T, BLOCK_L,
+                    stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
+                BLOCK_T, BLOCK_L,
                 )  # fmt: skip
                 m, den, num = _online_update(m, den, num, s3, r3)
             _, _, s3, r3 = _load_chunk(
                 q, u, K, V, Mask, text_ids, own_word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, BLOCK_I, BLOCK_T, BLOCK_L,
+                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
+                BLOCK_T, BLOCK_L,
             )  # fmt: skip
         m_safe, inv_den, head_out = _finalize(m, den, num)
         ds, dr = _chunk_grads(s3, r3, m_safe, inv_den, head_out, g, scale, BLOCK_I, BLOCK_N)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-        dv += tl.dot(tl.trans(dr.to(u.dtype)), u, input_precision=INPUT_PRECISION)
+        dk = _mma(tl.trans(ds.to(q.dtype)), q, dk, INPUT_PRECISION, UPCAST)
+        dv = _mma(tl.trans(dr.to(u.dtype)), u, dv, INPUT_PRECISION, UPCAST)
     word_offs = text_ids[:, None] * stride_kt + own_word_ids[:, None] * stride_kl + h * stride_kh + offs_d[None, :]
     word_mask = ((text_ids < Nt) & (own_word_ids < L))[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + word_offs, dk.to(DK.dtype.element_ty), mask=word_mask)
@@ -408,6 +428,10 @@ def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
 
 
 def _prepared(q, u, k, v, word_mask):
@@ -445,10 +469,10 @@ def _mscmat_scores_triton_op(
 
     wrap_triton(_mscmat_scores_fwd_kernel)[grid](
         q, u, k, v, mask, out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), mask_strides[0], mask_strides[1], out.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *mask_strides, out.stride(0),
         num_images, num_texts, num_words, heads, scale * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask,
-        INPUT_PRECISION=_input_precision(q.dtype),
+        INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype),
     )  # fmt: skip
     return out
 
@@ -481,7 +505,7 @@ def _mscmat_scores_triton_backward_op(
     q, u, k, v = (t.contiguous() for t in (q, u, k, v))
     block_l, block_d = _block_sizes(num_words, head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask,
-                  INPUT_PRECISION=_input_precision(q.dtype))  # fmt: skip
+                  INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype))  # fmt: skip
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), mask_strides[0], mask_strides[1],
                grad_scores.stride(0), grad_scores.stride(1))  # fmt: skip
     sizes = (num_images, num_texts, num_words, heads, scale, scale * 1.4426950408889634)
