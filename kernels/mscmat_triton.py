@@ -35,17 +35,20 @@ MAX_BLOCK_L = 128
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _configs(block_i: tuple[int, ...], block_n: tuple[int, ...], warps: tuple[int, ...], stages: tuple[int, ...]):
+# (BLOCK_I, BLOCK_N, num_warps, num_stages); the first of each list is the default when autotuning is off
+# (MSA_TRITON_AUTOTUNE=0, as in the tests), and its BLOCK_N = MAX_BLOCK_L fits every text length.
+_FWD_TILES = [(64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 8, 3)]
+_BWD_TILES = [(64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 4, 3)]
+
+
+def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     if _INTERPRET:
         # The interpreter runs every config it is given: one keeps CPU tests fast. A single config is never
         # pruned, so BLOCK_N is the largest BLOCK_L.
         return [triton.Config({"BLOCK_I": 16, "BLOCK_N": MAX_BLOCK_L}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BLOCK_I": bi, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bi in block_i
-        for bn in block_n
-        for w in warps
-        for s in stages
+        triton.Config({"BLOCK_I": bi, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bi, bn, warps, stages in tiles
     ]
 
 
@@ -53,17 +56,13 @@ def _prune(configs, named_args, **kwargs):
     # A tile holds at least one whole text chunk: BLOCK_N >= BLOCK_L.
     block_l = kwargs.get("BLOCK_L", named_args.get("BLOCK_L"))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] >= block_l]
-    if kept:
-        return kept
-    return [
-        triton.Config(
-            {**configs[0].kwargs, "BLOCK_N": block_l}, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages
-        )
-    ]
+    if os.environ.get("MSA_TRITON_AUTOTUNE", "1") == "0":
+        return kept[:1]
+    return kept
 
 
-_FWD_CONFIGS = _configs((64, 128), (64, 128), (4, 8), (2, 3))
-_BWD_CONFIGS = _configs((64, 128), (64, 128), (4, 8), (2,))
+_FWD_CONFIGS = _configs(_FWD_TILES)
+_BWD_CONFIGS = _configs(_BWD_TILES)
 _AUTOTUNE_KEY = ["L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION", "UPCAST"]
 
 
@@ -435,8 +434,12 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _prepared(q, u, k, v, word_mask):
-    """Unit-stride last dims (the kernels index the head dim directly) and the mask as uint8 (or a dummy)."""
-    q, u, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, u, k, v))
+    """Unit-stride last dims (the kernels index the head dim directly), one set of strides for q and u and one
+    for k and v (the kernels take them once), and the mask as uint8 (or a dummy pointer)."""
+    if q.stride() != u.stride() or q.stride(-1) != 1:
+        q, u = q.contiguous(), u.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
     if word_mask is None:
         return q, u, k, v, q, (0, 0), False
     mask = word_mask if word_mask.dtype == torch.bool else word_mask != 0

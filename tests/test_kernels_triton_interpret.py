@@ -1,0 +1,151 @@
+"""The Triton kernels of mscmat_scores on the CPU, under Triton's interpreter (TRITON_INTERPRET=1): forward and
+every gradient against the einsum reference, on small odd shapes. On a machine with a GPU the compiled kernels
+are tested by tests/test_ops_gpu.py instead and this file is skipped."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before msa.kernels is imported: @triton.jit picks the interpreter at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from msa.ops import mscmat_scores_ref  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="interpreter test for CPU-only machines; tests/test_ops_gpu.py covers the kernels on a GPU",
+)
+
+
+@pytest.fixture(scope="module")
+def triton_module():
+    from msa.kernels import mscmat_triton
+
+    assert mscmat_triton._INTERPRET, (
+        "msa.kernels was imported before TRITON_INTERPRET=1 was set; run this file on its own: "
+        "TRITON_INTERPRET=1 pytest tests/test_kernels_triton_interpret.py"
+    )
+    return mscmat_triton
+
+
+def make_inputs(ni, nt, length, heads, head_dim, mask_kind, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype).requires_grad_(True)
+
+    q, u = randn(ni, heads, head_dim), randn(ni, heads, head_dim)
+    k, v = randn(nt, length, heads, head_dim), randn(nt, length, heads, head_dim)
+    if mask_kind is None:
+        mask = None
+    elif mask_kind == "all-masked":
+        mask = torch.zeros(nt, length, dtype=torch.bool)
+    else:
+        mask = torch.rand(nt, length, generator=generator) > 0.4
+        mask[0, 0] = True
+        if mask_kind == "masked-texts":
+            mask[nt // 2] = False  # a text without any real word scores 0
+    return q, u, k, v, mask
+
+
+def grads_of(scores, inputs, grad_scores):
+    return torch.autograd.grad(scores, inputs, grad_scores)
+
+
+# (Ni, Nt, L, H, Dh, mask): Ni, Nt off the 16-image tile and the 128 / next_pow2(L) text tile; L padded, one
+# word, several text tiles, beyond 128 words (chunked online softmax, two-pass backward); Dh padded to a
+# power of two; texts without words.
+CASES = [
+    (17, 5, 7, 2, 32, "random"),
+    (3, 9, 1, 1, 64, None),
+    (6, 5, 50, 2, 32, "masked-texts"),
+    (4, 3, 130, 1, 16, "random"),
+    (5, 4, 6, 3, 24, "masked-texts"),
+    (2, 3, 4, 2, 16, "all-masked"),
+]
+
+
+@pytest.mark.parametrize("ni,nt,length,heads,head_dim,mask_kind", CASES)
+def test_forward_and_gradients_match_reference(triton_module, ni, nt, length, heads, head_dim, mask_kind):
+    q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, mask_kind)
+    scale = 0.7 * head_dim**-0.5
+    scores = triton_module.mscmat_scores_triton(q, u, k, v, mask, scale)
+    expected = mscmat_scores_ref(*(t.double() for t in (q, u, k, v)), mask, scale)
+    assert scores.shape == (ni, nt) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-4)
+
+    grad_scores = torch.randn(ni, nt, generator=torch.Generator().manual_seed(1))
+    grads = grads_of(scores, (q, u, k, v), grad_scores)
+    expected_grads = grads_of(expected, (q, u, k, v), grad_scores.double())
+    for name, got, want in zip("qukv", grads, expected_grads):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4, msg=f"d{name}")
+
+    if mask_kind == "masked-texts":
+        assert torch.all(scores[:, nt // 2] == 0)
+        assert torch.all(grads[2][nt // 2] == 0) and torch.all(grads[3][nt // 2] == 0)
+    if mask_kind == "all-masked":
+        assert torch.all(scores == 0)
+        assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_the_reference_error(triton_module, dtype):
+    """Flash-attention's rule: the kernel's error against the float32 reference is at most twice that of the
+    reference run in the same low precision, plus a small floor."""
+    q, u, k, v, mask = make_inputs(9, 6, 12, 2, 32, "masked-texts", dtype=dtype)
+    grad_scores = torch.randn(9, 6, generator=torch.Generator().manual_seed(2)).to(dtype)
+    scores = triton_module.mscmat_scores_triton(q, u, k, v, mask)
+    assert scores.dtype == dtype
+    low = mscmat_scores_ref(q, u, k, v, mask)
+    full_inputs = [t.detach().float().requires_grad_(True) for t in (q, u, k, v)]
+    full = mscmat_scores_ref(*full_inputs, mask)
+    floor = 1e-2 if dtype == torch.bfloat16 else 2e-3
+
+    def check(got, low_precision, want, name):
+        kernel_error = (got.float() - want).abs().max().item()
+        reference_error = (low_precision.float() - want).abs().max().item()
+        assert kernel_error <= 2 * reference_error + floor, f"{name}: {kernel_error} vs reference {reference_error}"
+
+    check(scores, low, full.detach(), "scores")
+    grads = grads_of(scores, (q, u, k, v), grad_scores)
+    low_grads = grads_of(low, (q, u, k, v), grad_scores)
+    full_grads = grads_of(full, full_inputs, grad_scores.float())
+    for name, got, low_grad, want in zip("qukv", grads, low_grads, full_grads):
+        assert got.dtype == dtype
+        check(got, low_grad, want, f"d{name}")
+
+
+def test_strided_inputs_and_integer_mask(triton_module):
+    """Views with unusual strides (a slice of longer texts, a head-major q) and a 0/1 integer mask."""
+    generator = torch.Generator().manual_seed(3)
+    ni, nt, length, heads, head_dim = 7, 4, 5, 2, 32
+    q = torch.randn(heads, ni, head_dim, generator=generator).transpose(0, 1)
+    u = torch.randn(ni, heads, head_dim * 2, generator=generator)[..., ::2]  # last-dim stride 2
+    k = torch.randn(nt, length + 3, heads, head_dim, generator=generator)[:, 2 : 2 + length]
+    v = torch.randn(nt, length, heads, head_dim, generator=generator)
+    mask = (torch.rand(nt, length, generator=generator) > 0.3).long()
+    scores = triton_module.mscmat_scores_triton(q, u, k, v, mask)
+    expected = mscmat_scores_ref(q, u, k, v, mask.bool())
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_registered_op_schema_and_autograd(triton_module):
+    q, u, k, v, mask = make_inputs(4, 3, 5, 2, 16, "random")
+    torch.library.opcheck(
+        torch.ops.msa.mscmat_scores_triton,
+        (q, u, k, v, mask, 0.25),
+        test_utils=("test_schema", "test_autograd_registration"),
+    )
+
+
+def test_float64_is_refused(triton_module):
+    q, u, k, v, _ = make_inputs(2, 2, 3, 1, 16, None, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        triton_module.mscmat_scores_triton(q, u, k, v)
