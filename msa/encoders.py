@@ -109,7 +109,7 @@ class ImageEncoder(nn.Module):
         if isinstance(config.image_pretrained, str):
             load_backbone_weights(self.backbone, config.image_backbone, config.image_pretrained)
         info = self.backbone.feature_info
-        levels = len(info)
+        levels = len(info.channels())  # the outputs (len(info) counts every level, selected or not)
         if config.out_indices is None and levels < config.num_scales:
             raise ValueError(f"{config.image_backbone} has {levels} feature levels, asked for {config.num_scales}")
         # Without explicit out_indices, the deepest num_scales levels; the shallower ones cost nothing extra since the

@@ -281,10 +281,17 @@ class MSAModel(nn.Module):
         ]
         if missing or unexpected or mismatched:
             raise ValueError(
-                f"{source} does not match this model's config: missing keys {missing}; unexpected keys {unexpected}; "
-                f"shape mismatches {mismatched}"
+                f"{source} does not match this model's config: missing keys {_some(missing)}; "
+                f"unexpected keys {_some(unexpected)}; shape mismatches {_some(mismatched)}"
             )
         self.load_state_dict(state)
+
+
+def _some(items: list[str], limit: int = 12) -> str:
+    """``items`` as a list, cut to ``limit`` entries with a count of the rest."""
+    if len(items) <= limit:
+        return str(items)
+    return f"{items[:limit]} and {len(items) - limit} more"
 
 
 def create_model(name: str, **overrides: Any) -> MSAModel:

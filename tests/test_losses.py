@@ -35,7 +35,8 @@ def test_triplet_loss_value_on_a_hand_made_batch():
     cos = image @ text.T
     # image 0: d_pos = 1 - cos00, its only negative is text 1; image 1: negative text 0; same for the text anchors.
     expected = sum(
-        max(0.0, 0.5 - cos[i, i].item() + cos[i, 1 - i].item()) + max(0.0, 0.5 - cos[i, i].item() + cos[1 - i, i].item())
+        max(0.0, 0.5 - cos[i, i].item() + cos[i, 1 - i].item())
+        + max(0.0, 0.5 - cos[i, i].item() + cos[1 - i, i].item())
         for i in range(2)
     )
     assert math.isclose(triplet_loss(image, text).item(), expected, rel_tol=1e-6)
