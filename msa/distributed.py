@@ -16,6 +16,7 @@ it, without any communication in the backward pass.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -56,7 +57,8 @@ def init_distributed(backend: str | None = None) -> DistributedInfo:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        # A long timeout: the other ranks wait at a barrier while rank 0 evaluates on val.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
     return DistributedInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 

@@ -20,7 +20,9 @@ memory is O(chunk_size * max(N_img, N_txt)) whatever the matrix size (RSICD 1093
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -134,3 +136,140 @@ def metrics_table(rows: dict[str, dict[str, float]], title: str = "scoring") -> 
                 cells.append(f"{value:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ evaluating a model
+SCORING_MODES = ("global", "mscmat", "fusion", "scales")
+
+
+def _concat_features(parts: list[Any]) -> Any:
+    """Concatenate a list of ImageFeatures or TextFeatures along the batch dimension."""
+    first = parts[0]
+    values = {}
+    for name in (f.name for f in dataclasses.fields(first)):
+        items = [getattr(p, name) for p in parts]
+        if items[0] is None:
+            values[name] = None
+        elif isinstance(items[0], list):
+            values[name] = [torch.cat([item[s] for item in items]) for s in range(len(items[0]))]
+        else:
+            values[name] = torch.cat(items)
+    return type(first)(**values)
+
+
+@torch.no_grad()
+def encode_split(
+    model: Any,
+    split: Any,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable | None = None,
+) -> tuple[Any, Any]:
+    """Encode every image (once) and every caption of a :class:`~msa.data.RetrievalSplit`.
+
+    Args:
+        model: an :class:`msa.model.MSAModel` (put in eval mode here).
+        autocast_dtype: run the encoders under autocast in this dtype (features are returned in float32).
+        progress: optional iterable wrapper (``tqdm``).
+
+    Returns:
+        ``(ImageFeatures [N_img], TextFeatures [N_txt])`` on ``device``.
+    """
+    from msa.data import ImageDataset
+
+    model.eval()
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(split.image_paths, model.image_transform(train=False)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    image_parts = []
+    iterator = progress(loader, desc="encode images") if progress is not None else loader
+    for images, _ in iterator:
+        with autocast:
+            features = model.encode_image(images.to(device))
+        image_parts.append(_to_float(features))
+    text_parts = []
+    starts = range(0, len(split.captions), batch_size)
+    iterator = progress(starts, desc="encode texts") if progress is not None else starts
+    for start in iterator:
+        tokens = model.tokenize(split.captions[start : start + batch_size])
+        with autocast:
+            features = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        text_parts.append(_to_float(features))
+    return _concat_features(image_parts), _concat_features(text_parts)
+
+
+def _to_float(features: Any) -> Any:
+    values = {}
+    for name in (f.name for f in dataclasses.fields(features)):
+        value = getattr(features, name)
+        if isinstance(value, list):
+            values[name] = [v.float() for v in value]
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            values[name] = value.float()
+        else:
+            values[name] = value
+    return type(features)(**values)
+
+
+@torch.no_grad()
+def score_matrices(
+    model: Any,
+    image_features: Any,
+    text_features: Any,
+    modes: Sequence[str] = SCORING_MODES,
+    fusion_weight: float = 1.0,
+    chunk_size: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """Similarity matrices [N_img, N_txt] of the scoring modes.
+
+    Modes: ``global`` (cosine of the global embeddings, the published test-time path), ``mscmat`` (MSCMAT sigmoid
+    scores summed over scales), ``scales`` (one matrix per scale, named ``mscmat_s0`` (smallest scale) ...), and
+    ``fusion`` = ``global + fusion_weight * mscmat``.
+    """
+    unknown = set(modes) - set(SCORING_MODES)
+    if unknown:
+        raise ValueError(f"unknown scoring mode(s) {sorted(unknown)}; choose from {SCORING_MODES}")
+    out: dict[str, torch.Tensor] = {}
+    if "global" in modes or "fusion" in modes:
+        out["global"] = model.similarity(image_features, text_features).float()
+    per_scale: list[torch.Tensor] = []
+    if "scales" in modes or "mscmat" in modes or "fusion" in modes:
+        per_scale = [
+            model.mscmat_similarity(image_features, text_features, scale=s, chunk_size=chunk_size).float()
+            for s in range(len(image_features.scale_features))
+        ]
+        out["mscmat"] = torch.stack(per_scale).sum(0)
+    if "fusion" in modes:
+        out["fusion"] = out["global"] + fusion_weight * out["mscmat"]
+    if "scales" in modes:
+        out.update({f"mscmat_s{s}": matrix for s, matrix in enumerate(per_scale)})
+    for name in ("global", "mscmat"):
+        if name not in modes and name in out:
+            del out[name]
+    return out
+
+
+def evaluate_model(
+    model: Any,
+    split: Any,
+    modes: Sequence[str] = SCORING_MODES,
+    fusion_weight: float = 1.0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+    chunk_size: int = 1024,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable | None = None,
+) -> dict[str, dict[str, float]]:
+    """Encode a split and compute :func:`retrieval_metrics` for every scoring mode: ``{mode: metrics}``."""
+    image_features, text_features = encode_split(
+        model, split, device, batch_size, num_workers, autocast_dtype, progress
+    )
+    matrices = score_matrices(model, image_features, text_features, modes, fusion_weight, chunk_size)
+    return {name: retrieval_metrics(matrix, split.text_to_image, chunk_size) for name, matrix in matrices.items()}
