@@ -425,18 +425,18 @@ __global__ void __launch_bounds__(kThreads) mscmat_scores_bwd_images_kernel(
     }
   }
   __syncthreads();
-  // Through shared memory (S is free now) to global, skipping rows beyond Ni and columns beyond Dh.
-  float* dq_tile = sm.s;
-  float* du_tile = sm.r;
+  // Through shared memory (S and R are free now) to global, skipping rows beyond Ni and columns beyond Dh.
   if constexpr (C::kWmma) {
-    for (int which = 0; which < 2; ++which) {
-      // S holds BI x BN floats: DP columns go through it BN at a time.
+    // A lambda per accumulator keeps the fragment indices compile-time (a run-time choice between dq_frag and
+    // du_frag would move both arrays to local memory).
+    const auto write_out = [&](auto& frags, T* dst, float* staging) {
+      // The staging tile holds BI x BN floats: DP columns go through it BN at a time.
       for (int c0 = 0; c0 < DP; c0 += C::BN) {
 #pragma unroll
         for (int c = 0; c < kDCols; ++c) {
           if (c * 16 >= c0 && c * 16 < c0 + C::BN) {
-            float* dst = (which == 0 ? dq_tile : du_tile) + warp * 16 * C::LDS + (c * 16 - c0);
-            wmma::store_matrix_sync(dst, which == 0 ? dq_frag[c] : du_frag[c], C::LDS, wmma::mem_row_major);
+            wmma::store_matrix_sync(staging + warp * 16 * C::LDS + (c * 16 - c0), frags[c], C::LDS,
+                                    wmma::mem_row_major);
           }
         }
         __syncthreads();
@@ -444,14 +444,14 @@ __global__ void __launch_bounds__(kThreads) mscmat_scores_bwd_images_kernel(
           const int row = e / C::BN, col = c0 + e % C::BN;
           const int64_t i = first_image + row;
           if (i < p.num_images && col < p.head_dim && col < DP) {
-            T* dst = which == 0 ? dq : du;
-            const float* src = which == 0 ? dq_tile : du_tile;
-            dst[i * p.q_stride_i + h * p.q_stride_h + col] = from_float<T>(src[row * C::LDS + (col - c0)]);
+            dst[i * p.q_stride_i + h * p.q_stride_h + col] = from_float<T>(staging[row * C::LDS + (col - c0)]);
           }
         }
         __syncthreads();
       }
-    }
+    };
+    write_out(dq_frag, dq, sm.s);
+    write_out(du_frag, du, sm.r);
   } else {
     for (int e = threadIdx.x; e < C::BI * DP; e += kThreads) {
       const int row = e / DP, col = e % DP;

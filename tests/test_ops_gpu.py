@@ -1,0 +1,223 @@
+"""The GPU backends of mscmat_scores ("cuda": msa._C's CUDA kernels, "triton": msa.kernels) against the einsum
+reference: forward and every gradient for float32/float16/bfloat16, odd sizes, masks, texts without words, tiles
+cut by Ni and Nt, texts longer than one chunk, sizes that need 64-bit offsets, opcheck and torch.compile.
+
+Skipped without a CUDA device. A backend that is not available is skipped, unless MSA_REQUIRE_GPU_BACKENDS
+names it (benchmarks/device_check.sh sets "cuda,triton"), in which case that is a failure.
+
+Low-precision rule (flash-attention's): the kernel's error against the float32 reference is at most twice the
+error of the reference itself run in the low precision, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from msa.ops import backend_available, mscmat_scores, mscmat_scores_ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+BACKENDS = ("cuda", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_triton():
+    # One tile config per shape instead of autotuning: the tests check numbers, the benchmark tunes.
+    previous = os.environ.get("MSA_TRITON_AUTOTUNE")
+    os.environ["MSA_TRITON_AUTOTUNE"] = "0"
+    yield
+    if previous is None:
+        os.environ.pop("MSA_TRITON_AUTOTUNE", None)
+    else:
+        os.environ["MSA_TRITON_AUTOTUNE"] = previous
+
+
+def require(backend: str) -> None:
+    if backend_available(backend, "cuda"):
+        return
+    required = {name.strip() for name in os.environ.get("MSA_REQUIRE_GPU_BACKENDS", "").split(",")}
+    message = f"backend {backend!r} is not available on this machine"
+    if backend in required:
+        pytest.fail(message + " but MSA_REQUIRE_GPU_BACKENDS requires it")
+    pytest.skip(message)
+
+
+def make_inputs(ni, nt, length, heads, head_dim, mask_kind, dtype, seed=0, device="cuda"):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype).requires_grad_(True)
+
+    q, u = randn(ni, heads, head_dim), randn(ni, heads, head_dim)
+    k, v = randn(nt, length, heads, head_dim), randn(nt, length, heads, head_dim)
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(nt, length, generator=generator) > 0.3
+        mask[:, 0] = True
+        if mask_kind == "masked-texts":
+            mask[:: max(1, nt // 3)] = False  # texts without a single real word score 0
+        mask = mask.to(device)
+    return q, u, k, v, mask
+
+
+def check_close(got, low_precision, want, name, dtype):
+    """Flash-attention rule against the float32 (here float64) reference, plus a floor scaled to the values."""
+    want = want.double()
+    kernel_error = (got.double() - want).abs().max().item()
+    reference_error = (low_precision.double() - want).abs().max().item()
+    magnitude = max(1.0, want.abs().max().item())
+    floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * magnitude
+    assert kernel_error <= 2 * reference_error + floor, (
+        f"{name}: kernel error {kernel_error:.3e} > 2 x reference error {reference_error:.3e} + {floor:.1e}"
+    )
+
+
+def run_and_compare(backend, ni, nt, length, heads, head_dim, mask_kind, dtype, backward=True):
+    q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, mask_kind, dtype)
+    scores = mscmat_scores(q, u, k, v, mask, backend=backend)
+    assert scores.shape == (ni, nt) and scores.dtype == dtype and scores.device.type == "cuda"
+    low = mscmat_scores_ref(q, u, k, v, mask)
+    exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, u, k, v)]
+    exact = mscmat_scores_ref(*exact_inputs, mask)
+    check_close(scores, low, exact, "scores", dtype)
+    if mask_kind == "masked-texts":
+        assert torch.all(scores[:, :: max(1, nt // 3)] == 0)
+    if not backward:
+        return
+    grad_scores = torch.randn(ni, nt, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    grads = torch.autograd.grad(scores, (q, u, k, v), grad_scores)
+    low_grads = torch.autograd.grad(low, (q, u, k, v), grad_scores)
+    exact_grads = torch.autograd.grad(exact, exact_inputs, grad_scores.double())
+    for name, got, low_grad, want in zip("qukv", grads, low_grads, exact_grads):
+        assert got.shape == want.shape and got.dtype == dtype, name
+        check_close(got, low_grad, want, f"d{name}", dtype)
+
+
+# (Ni, Nt, L, H, Dh, mask): odd sizes off every tile; L = 30 (padded), 77 (two CUDA chunks of 64), 150 (two
+# Triton chunks of 128), 1; Dh 32, 64, 128 and a padded 48.
+SHAPES = [
+    (97, 200, 30, 12, 64, "masked-texts"),
+    (200, 97, 77, 4, 32, "random"),
+    (33, 65, 150, 2, 64, "masked-texts"),
+    (1025, 17, 1, 2, 128, None),
+    (70, 41, 19, 3, 48, "random"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ni,nt,length,heads,head_dim,mask_kind", SHAPES)
+def test_parity_forward_and_gradients(backend, dtype, ni, nt, length, heads, head_dim, mask_kind):
+    require(backend)
+    run_and_compare(backend, ni, nt, length, heads, head_dim, mask_kind, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_word_masked_gives_zero_scores_and_gradients(backend):
+    require(backend)
+    q, u, k, v, _ = make_inputs(5, 7, 9, 2, 64, None, torch.float16)
+    mask = torch.zeros(7, 9, dtype=torch.bool, device="cuda")
+    scores = mscmat_scores(q, u, k, v, mask, backend=backend)
+    assert torch.all(scores == 0)
+    grads = torch.autograd.grad(scores.float().sum(), (q, u, k, v))
+    assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_sizes_need_64_bit_offsets(backend):
+    """k and v of more than 2^31 elements each (and Ni * Nt * L > 2^31): the last texts and the last images
+    must still be right. Checked on slices, against the reference on those slices."""
+    require(backend)
+    free, _ = torch.cuda.mem_get_info()
+    ni, nt, length, heads, head_dim = 24, 87_500, 32, 12, 64  # k: 2.15e9 elements
+    if free < 24 * 2**30:
+        pytest.skip("needs about 24 GiB of free GPU memory")
+    assert nt * length * heads * head_dim > 2**31
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    dtype = torch.bfloat16
+    q = torch.randn(ni, heads, head_dim, device="cuda", dtype=dtype, generator=generator)
+    u = torch.randn(ni, heads, head_dim, device="cuda", dtype=dtype, generator=generator)
+    k = torch.randn(nt, length, heads, head_dim, device="cuda", dtype=dtype, generator=generator)
+    v = torch.randn(nt, length, heads, head_dim, device="cuda", dtype=dtype, generator=generator)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    scores = mscmat_scores(q, u, k, v, backend=backend)
+    tail = slice(nt - 40, nt)
+    expected_tail = mscmat_scores_ref(*(t.detach().float() for t in (q, u, k[tail], v[tail])))
+    torch.testing.assert_close(scores[:, tail].float(), expected_tail, rtol=3e-2, atol=3e-2)
+    grad_scores = torch.zeros_like(scores)
+    grad_scores[:, tail] = 1
+    dq, dk = torch.autograd.grad(scores, (q, k), grad_scores)
+    q_tail = q.detach().float().requires_grad_(True)
+    k_tail = k.detach()[tail].float().requires_grad_(True)
+    ref = mscmat_scores_ref(q_tail, u.detach().float(), k_tail, v.detach()[tail].float())
+    ref_dq, ref_dk = torch.autograd.grad(ref.sum(), (q_tail, k_tail))
+    torch.testing.assert_close(dk[tail].float(), ref_dk, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(dq.float(), ref_dq, rtol=3e-2, atol=5e-2)
+    assert torch.all(dk[: nt - 40] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_image_by_text_matrix(backend):
+    """Ni * Nt * L > 2^31 pairs x words; compared on the first and last image rows."""
+    require(backend)
+    ni, nt, length, heads, head_dim = 8192, 8300, 32, 1, 32
+    q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, "random", torch.float16)
+    with torch.no_grad():
+        scores = mscmat_scores(q, u, k, v, mask, backend=backend)
+        for rows in (slice(0, 16), slice(ni - 16, ni)):
+            expected = mscmat_scores_ref(*(t.float() for t in (q[rows], u[rows], k, v)), mask)
+            torch.testing.assert_close(scores[rows].float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_opcheck_cuda_kernels():
+    require("cuda")
+    q, u, k, v, mask = make_inputs(9, 6, 7, 2, 32, "random", torch.float16)
+    torch.library.opcheck(torch.ops.msa.mscmat_scores.default, (q, u, k, v, mask, 0.2))
+    grad = torch.randn(9, 6, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(
+        torch.ops.msa.mscmat_scores_backward.default, (grad, q.detach(), u.detach(), k.detach(), v.detach(), mask, 0.2)
+    )
+
+
+def test_opcheck_triton_kernels():
+    require("triton")
+    q, u, k, v, mask = make_inputs(9, 6, 7, 2, 32, "random", torch.bfloat16)
+    torch.library.opcheck(torch.ops.msa.mscmat_scores_triton.default, (q, u, k, v, mask, 0.2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    require(backend)
+    q, u, k, v, mask = make_inputs(40, 30, 12, 2, 32, "masked-texts", torch.bfloat16)
+
+    def loss(q, u, k, v, mask):
+        return (mscmat_scores(q, u, k, v, mask, backend=backend).float() ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    eager_value = loss(q, u, k, v, mask)
+    eager_grads = torch.autograd.grad(eager_value, (q, u, k, v))
+    compiled_value = compiled(q, u, k, v, mask)
+    compiled_grads = torch.autograd.grad(compiled_value, (q, u, k, v))
+    torch.testing.assert_close(compiled_value, eager_value, rtol=1e-3, atol=1e-3)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_current_stream_is_used():
+    """The CUDA kernels run on the caller's stream: results taken on a side stream after its synchronisation."""
+    require("cuda")
+    q, u, k, v, mask = make_inputs(64, 48, 16, 2, 64, "random", torch.float16)
+    expected = mscmat_scores(q, u, k, v, mask, backend="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = mscmat_scores(q, u, k, v, mask, backend="cuda")
+    stream.synchronize()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
