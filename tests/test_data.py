@@ -286,3 +286,23 @@ def test_epoch_sampler_resume_and_shards():
         shard.set_epoch(2)
     a, b = list(shards[0]), list(shards[1])
     assert len(a) == len(b) == 8 and not set(a) & set(b)
+
+
+@needs_mini
+def test_msa_data_cli_leakage_and_stats(tmp_path, capsys):
+    from msa.cli import main
+
+    shutil.copy(MINI / "sydney" / "images" / "2.tif", tmp_path / "copy.tif")
+    _karpathy(tmp_path, [_record("copy.tif", "test", ["a copy"])])
+    main(
+        ["leakage", "--dataset", "sydney", "--annotations", str(MINI / "sydney" / "dataset.json"),
+         "--image-root", str(MINI / "sydney" / "images"), "--other-dataset", "karpathy",
+         "--other-annotations", str(tmp_path / "dataset.json"), "--list", "--no-progress",
+         "--output-json", str(tmp_path / "leak.json")]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| train | test | 1 |" in out and "2.tif" in out and "copy.tif" in out
+    report = json.loads((tmp_path / "leak.json").read_text())
+    assert report["shared"][0]["file_a"] == "2.tif" and report["counts"][0]["shared"] == 1
+    main(["stats", "--dataset", "ucm", "--annotations", str(MINI / "ucm" / "dataset.json"), "--val-fraction", "0.3"])
+    assert "| train | 6 | 30 |" in capsys.readouterr().out
