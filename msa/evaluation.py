@@ -14,8 +14,8 @@ position, which rewards duplicate captions (RSICD's test split has 5465 captions
 differently depending on dataset order.
 
 Any number of captions per image is supported (not only five in image-major order); an image without a caption is
-not an image -> text query. The matrix is processed in blocks of ``chunk_size`` rows and columns, so the temporary
-memory is O(chunk_size * max(N_img, N_txt)) whatever the matrix size (RSICD 1093 x 5465, NWPU 3150 x 15750).
+not an image -> text query. The matrix is processed in blocks of ``chunk_size`` image rows, so the temporary
+memory is O(chunk_size * N_txt) whatever the matrix size (RSICD 1093 x 5465, NWPU 3150 x 15750).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def retrieval_ranks(
     Args:
         similarity: [N_img, N_txt] scores, larger is more similar (any float dtype, any device; no NaN).
         text_to_image: [N_txt] index of each text's image.
-        chunk_size: rows (then columns) processed at a time.
+        chunk_size: image rows processed at a time (temporaries of chunk_size x N_txt bytes).
 
     Returns:
         ``(i2t_ranks, t2i_ranks)``: [N_img'] (only images with at least one caption, in index order) and [N_txt],
@@ -51,28 +51,32 @@ def retrieval_ranks(
         raise ValueError(f"text_to_image must have shape ({num_texts},), got {tuple(owner.shape)}")
     if num_texts and (owner.min() < 0 or owner.max() >= num_images):
         raise ValueError(f"text_to_image values must lie in [0, {num_images}), got [{owner.min()}, {owner.max()}]")
-    if torch.isnan(similarity).any():
+    # The sum is a cheap screen (NaN propagates); only a non-finite sum pays for the exact test.
+    if not torch.isfinite(similarity.sum()) and torch.isnan(similarity).any():
         raise ValueError("similarity contains NaN; ranks would be undefined")
 
-    i2t_ranks = []
-    has_caption = torch.zeros(num_images, dtype=torch.bool, device=similarity.device)
-    has_caption[owner] = True
+    # Score of every (text, its image) pair, then the best correct score of each image (-inf without a caption).
+    columns = torch.arange(num_texts, device=similarity.device)
+    positive_scores = similarity[owner, columns]
+    best_positive = torch.full((num_images,), float("-inf"), dtype=similarity.dtype, device=similarity.device)
+    best_positive = best_positive.scatter_reduce(0, owner, positive_scores, reduce="amax")
+    # The captions of an image scoring exactly its best score are "at least as high" but correct: not counted.
+    ties_among_positives = torch.bincount(owner[positive_scores >= best_positive[owner]], minlength=num_images)
+    has_caption = torch.bincount(owner, minlength=num_images) > 0
+
+    # One pass over blocks of contiguous rows serves both directions (column blocks would be strided). Counting a
+    # bool mask through a uint8 view is several times faster than summing the bool tensor itself.
+    i2t_counts = []
+    t2i_counts = torch.zeros(num_texts, dtype=torch.int32, device=similarity.device)
     for start in range(0, num_images, chunk_size):
         block = similarity[start : start + chunk_size]
-        rows = torch.arange(start, start + block.shape[0], device=similarity.device)
-        positive = owner.unsqueeze(0) == rows.unsqueeze(1)
-        best_positive = block.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-        i2t_ranks.append(((block >= best_positive) & ~positive).sum(dim=1))
-    i2t = torch.cat(i2t_ranks)[has_caption] if i2t_ranks else torch.zeros(0, dtype=torch.long)
-
-    t2i_ranks = []
-    for start in range(0, num_texts, chunk_size):
-        block = similarity[:, start : start + chunk_size]
-        cols = torch.arange(block.shape[1], device=similarity.device)
-        positive_score = block[owner[start : start + block.shape[1]], cols]
-        # ">=" counts the correct image itself once; images tying with it count against the query.
-        t2i_ranks.append((block >= positive_score.unsqueeze(0)).sum(dim=0) - 1)
-    t2i = torch.cat(t2i_ranks) if t2i_ranks else torch.zeros(0, dtype=torch.long)
+        best = best_positive[start : start + block.shape[0]].unsqueeze(1)
+        i2t_counts.append((block >= best).view(torch.uint8).sum(dim=1, dtype=torch.int32))
+        # Images scoring at least as high as the text's own image; the own image counts once, removed below.
+        t2i_counts += (block >= positive_scores.unsqueeze(0)).view(torch.uint8).sum(dim=0, dtype=torch.int32)
+    i2t = torch.cat(i2t_counts).long() - ties_among_positives if i2t_counts else torch.zeros(0, dtype=torch.long)
+    i2t = i2t[has_caption]
+    t2i = t2i_counts.long() - 1
     return i2t.long().cpu(), t2i.long().cpu()
 
 
@@ -94,7 +98,7 @@ def retrieval_metrics(
     Args:
         similarity: [N_img, N_txt] scores, rows images, columns texts.
         text_to_image: [N_txt] index of each text's image.
-        chunk_size: rows/columns processed at a time (bounds the temporary memory).
+        chunk_size: image rows processed at a time (bounds the temporary memory).
 
     Returns:
         ``i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, mR`` (percentages), ``i2t_medr, t2i_medr`` (1-based median
