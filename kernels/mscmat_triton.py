@@ -35,30 +35,47 @@ MAX_BLOCK_L = 128
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# (BLOCK_I, BLOCK_N, num_warps, num_stages); the first of each list is the default when autotuning is off
-# (MSA_TRITON_AUTOTUNE=0, as in the tests), and its BLOCK_N = MAX_BLOCK_L fits every text length.
-_FWD_TILES = [(64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 8, 3)]
-_BWD_TILES = [(64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 4, 3)]
+# (BLOCK_I, BLOCK_N, num_warps, num_stages) per input kind, in order of preference; with autotuning off
+# (MSA_TRITON_AUTOTUNE=0, as in the tests) the first that holds a whole chunk (BLOCK_N >= BLOCK_L) runs.
+# float32 runs its products on FMA units (no TF32 unless torch allows it) and stages more in shared memory
+# (a [16, 128] tile with Dh = 128 already takes 160 KB on sm_90): it gets small tiles.
+_FWD_TILES = {
+    "low": [(64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 8, 3)],
+    "fp32": [(32, 64, 4, 1), (16, 128, 4, 1), (32, 128, 4, 1)],
+}
+_BWD_TILES = {
+    "low": [(64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 4, 3)],
+    "fp32": [(32, 64, 4, 1), (16, 128, 4, 1)],
+}
 
 
-def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+def _tile_of(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_I"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _configs(tiles: dict[str, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
     if _INTERPRET:
         # The interpreter runs every config it is given: one keeps CPU tests fast. A single config is never
         # pruned, so BLOCK_N is the largest BLOCK_L.
         return [triton.Config({"BLOCK_I": 16, "BLOCK_N": MAX_BLOCK_L}, num_warps=4, num_stages=1)]
+    unique = dict.fromkeys(tile for kind in tiles.values() for tile in kind)
     return [
         triton.Config({"BLOCK_I": bi, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        for bi, bn, warps, stages in tiles
+        for bi, bn, warps, stages in unique
     ]
 
 
-def _prune(configs, named_args, **kwargs):
-    # A tile holds at least one whole text chunk: BLOCK_N >= BLOCK_L.
-    block_l = kwargs.get("BLOCK_L", named_args.get("BLOCK_L"))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= block_l]
-    if os.environ.get("MSA_TRITON_AUTOTUNE", "1") == "0":
-        return kept[:1]
-    return kept
+def _pruner(tiles: dict[str, list[tuple[int, int, int, int]]]):
+    def prune(configs, named_args, **kwargs):
+        block_l = kwargs.get("BLOCK_L", named_args.get("BLOCK_L"))
+        wanted = tiles["fp32" if named_args["Q"].dtype == torch.float32 else "low"]
+        by_tile = {_tile_of(config): config for config in configs}
+        kept = [by_tile[tile] for tile in wanted if tile in by_tile and tile[1] >= block_l]
+        if os.environ.get("MSA_TRITON_AUTOTUNE", "1") == "0":
+            return kept[:1]
+        return kept
+
+    return {"early_config_prune": prune}
 
 
 _FWD_CONFIGS = _configs(_FWD_TILES)
@@ -156,7 +173,7 @@ def _chunk_grads(s3, r3, m_safe, inv_den, head_out, g, scale, BLOCK_I: tl.conste
     return tl.reshape(ds, (BLOCK_I, BLOCK_N)), tl.reshape(gp, (BLOCK_I, BLOCK_N))
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_pruner(_FWD_TILES))
 @triton.jit
 def _mscmat_scores_fwd_kernel(
     Q,
@@ -229,7 +246,7 @@ def _mscmat_scores_fwd_kernel(
     tl.store(Out + offs_i[:, None] * stride_oi + offs_t[None, :], acc.to(Out.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_pruner(_BWD_TILES))
 @triton.jit
 def _mscmat_scores_bwd_images_kernel(
     Q,
@@ -261,12 +278,12 @@ def _mscmat_scores_bwd_images_kernel(
     HAS_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dq and du of one image tile and one head; dq, du have q's contiguous [Ni, H, Dh] layout."""
     BLOCK_T: tl.constexpr = BLOCK_N // BLOCK_L
-    ONE_CHUNK: tl.constexpr = BLOCK_L >= L
     tile_i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_i = tile_i * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -324,7 +341,7 @@ def _mscmat_scores_bwd_images_kernel(
     tl.store(DU + image_offs, du.to(DU.dtype.element_ty), mask=image_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by=_pruner(_BWD_TILES))
 @triton.jit
 def _mscmat_scores_bwd_words_kernel(
     Q,
@@ -356,13 +373,13 @@ def _mscmat_scores_bwd_words_kernel(
     HAS_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dk and dv of one word chunk of one text tile and one head (grid: text tiles x chunks, heads); dk, dv
     have k's contiguous [Nt, L, H, Dh] layout."""
     BLOCK_T: tl.constexpr = BLOCK_N // BLOCK_L
-    ONE_CHUNK: tl.constexpr = BLOCK_L >= L
     num_chunks = tl.cdiv(L, BLOCK_L)
     pid = tl.program_id(0).to(tl.int64)
     tile_t = pid // num_chunks
@@ -509,7 +526,8 @@ def _mscmat_scores_triton_backward_op(
     q, u, k, v = (t.contiguous() for t in (q, u, k, v))
     block_l, block_d = _block_sizes(num_words, head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask,
-                  INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype))  # fmt: skip
+                  INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype),
+                  ONE_CHUNK=num_words <= block_l)  # fmt: skip
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), mask_strides[0], mask_strides[1],
                grad_scores.stride(0), grad_scores.stride(1))  # fmt: skip
     sizes = (num_images, num_texts, num_words, heads, scale, scale * 1.4426950408889634)

@@ -18,6 +18,10 @@
 //
 // Tensor cores need sm_80 or newer (bfloat16 WMMA); the launcher checks the device's capability.
 
+#ifdef MSA_CUDA_EMULATION
+// tests/cuda_emulation: the kernels below compiled for the CPU against a small emulation of CUDA and WMMA.
+#include "cuda_emulation.h"
+#else
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,6 +30,8 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 #include <torch/library.h>
+#define MSA_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -280,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) mscmat_scores_fwd_kernel(const T* __
   __trap();  // the launcher refuses devices older than sm_80
 #else
   using C = Tiles<T, DP>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  MSA_DYNAMIC_SHARED(smem_raw);
   const Smem<T, DP> sm(smem_raw);
   // Image tiles vary fastest: consecutive blocks reuse the same text tile's k and v from L2.
   const int64_t image_tiles = (p.num_images + C::BI - 1) / C::BI;
@@ -349,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) mscmat_scores_bwd_images_kernel(
   __trap();
 #else
   using C = Tiles<T, DP>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  MSA_DYNAMIC_SHARED(smem_raw);
   const Smem<T, DP> sm(smem_raw);
   const int64_t first_image = static_cast<int64_t>(blockIdx.x) * C::BI;
   const int64_t h = blockIdx.y;
@@ -475,7 +481,7 @@ __global__ void __launch_bounds__(kThreads) mscmat_scores_bwd_words_kernel(
   __trap();
 #else
   using C = Tiles<T, DP>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  MSA_DYNAMIC_SHARED(smem_raw);
   const Smem<T, DP> sm(smem_raw);
   const int64_t chunks = (p.num_words + p.slots_per_text - 1) / p.slots_per_text;
   const int64_t first_text = (static_cast<int64_t>(blockIdx.x) / chunks) * p.texts_per_tile;
@@ -587,6 +593,17 @@ __global__ void __launch_bounds__(kThreads) mscmat_scores_bwd_words_kernel(
 #endif
 }
 
+// Texts per tile and slots per text for this word count (shared with tests/cuda_emulation).
+template <typename T, int DP>
+void set_slots(Shape& p) {
+  using C = Tiles<T, DP>;
+  int slots = kMinSlotsPerText;
+  while (slots < p.num_words && slots < C::BN) slots *= 2;
+  p.slots_per_text = slots;
+  p.texts_per_tile = C::BN / slots;
+}
+
+#ifndef MSA_CUDA_EMULATION
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 
@@ -633,15 +650,6 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, 
   p.k_stride_h = in.k.stride(2);
   p.scale = static_cast<float>(scale);
   return in;
-}
-
-template <typename T, int DP>
-void set_slots(Shape& p) {
-  using C = Tiles<T, DP>;
-  int slots = kMinSlotsPerText;
-  while (slots < p.num_words && slots < C::BN) slots *= 2;
-  p.slots_per_text = slots;
-  p.texts_per_tile = C::BN / slots;
 }
 
 template <typename Kernel>
@@ -753,11 +761,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscmat_scores_backwar
   return {dq, du, dk, dv};
 }
 
+#endif  // MSA_CUDA_EMULATION
+
 }  // namespace
 
+#ifndef MSA_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(msa, CUDA, m) {
   m.impl("mscmat_scores", &mscmat_scores_cuda);
   m.impl("mscmat_scores_backward", &mscmat_scores_backward_cuda);
 }
+#endif
 
 }  // namespace msa
