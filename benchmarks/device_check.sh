@@ -57,8 +57,12 @@ fi
 note "GPU tests"
 test_files=(tests/test_ops_gpu.py)
 [ -f tests/test_ops_cpu.py ] && test_files+=(tests/test_ops_cpu.py)
+# Triton compiles one kernel per specialisation on one CPU core: spread the tests over 4 workers when
+# pytest-xdist is there.
+parallel=()
+"$py" -c "import xdist" 2>/dev/null && parallel=(-n 4)
 if ! MSA_REQUIRE_GPU_BACKENDS=cuda,triton PYTHONUNBUFFERED=1 timeout "${TEST_SECONDS:-160}" \
-  "$py" -m pytest -q -rfEs "${test_files[@]}" >"$out/gpu_tests.log" 2>&1; then
+  "$py" -m pytest -q -rfEs "${parallel[@]}" "${test_files[@]}" >"$out/gpu_tests.log" 2>&1; then
   note "GPU TESTS FAILED or timed out (see gpu_tests.log)"
   status=1
 fi

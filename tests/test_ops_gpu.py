@@ -24,7 +24,6 @@ pytestmark = [
 ]
 
 BACKENDS = ("cuda", "triton")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -111,12 +110,16 @@ SHAPES = [
 ]
 
 
+# float32 on two shapes only (short and chunked texts): Triton compiles its FMA kernels slowly.
+PARITY = [(dtype, shape) for dtype in (torch.float16, torch.bfloat16) for shape in SHAPES]
+PARITY += [(torch.float32, shape) for shape in SHAPES[:2]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("ni,nt,length,heads,head_dim,mask_kind", SHAPES)
-def test_parity_forward_and_gradients(backend, dtype, ni, nt, length, heads, head_dim, mask_kind):
+@pytest.mark.parametrize("dtype,shape", PARITY, ids=lambda value: str(value).replace("torch.", ""))
+def test_parity_forward_and_gradients(backend, dtype, shape):
     require(backend)
-    run_and_compare(backend, ni, nt, length, heads, head_dim, mask_kind, dtype)
+    run_and_compare(backend, *shape, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
