@@ -176,3 +176,17 @@ def test_seed_summary_is_mean_and_std():
     }  # fmt: skip
     summary = summarize_seeds(results)
     assert summary["global"]["mR"] == pytest.approx((20.0, 10.0))
+
+
+@needs_mini
+def test_several_seeds_report_mean_and_std(ucm_mini, tmp_path):
+    from msa.train import run
+
+    config = _config(ucm_mini, tmp_path, epochs=1, seeds=[1, 2], eval_modes=["global"])
+    result = run(config)
+    assert sorted(result["seeds"]) == [1, 2]
+    assert all((tmp_path / f"seed_{s}" / "results.md").is_file() for s in (1, 2))
+    values = [result["seeds"][s]["test"]["global"]["mR"] for s in (1, 2)]
+    mean, std = result["summary"]["global"]["mR"]
+    assert mean == pytest.approx(sum(values) / 2) and std == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert "±" in (tmp_path / "results.md").read_text()
