@@ -272,8 +272,31 @@ def evaluate_model(
     progress: Callable | None = None,
 ) -> dict[str, dict[str, float]]:
     """Encode a split and compute :func:`retrieval_metrics` for every scoring mode: ``{mode: metrics}``."""
+    unknown = set(modes) - set(SCORING_MODES)
+    if unknown:
+        raise ValueError(f"unknown scoring mode(s) {sorted(unknown)}; choose from {SCORING_MODES}")
     image_features, text_features = encode_split(
         model, split, device, batch_size, num_workers, autocast_dtype, progress
     )
-    matrices = score_matrices(model, image_features, text_features, modes, fusion_weight, chunk_size)
-    return {name: retrieval_metrics(matrix, split.text_to_image, chunk_size) for name, matrix in matrices.items()}
+    owner = split.text_to_image
+    results: dict[str, dict[str, float]] = {}
+    # One mode at a time, so that at most three N_img x N_txt matrices live at once (NWPU test: 198 MB each).
+    global_scores = None
+    if "global" in modes or "fusion" in modes:
+        global_scores = model.similarity(image_features, text_features).float()
+        if "global" in modes:
+            results["global"] = retrieval_metrics(global_scores, owner, chunk_size)
+    if not {"mscmat", "fusion", "scales"} & set(modes):
+        return results
+    mscmat_scores = None
+    for scale in range(len(image_features.scale_features)):
+        scores = model.mscmat_similarity(image_features, text_features, scale=scale, chunk_size=chunk_size).float()
+        if "scales" in modes:
+            results[f"mscmat_s{scale}"] = retrieval_metrics(scores, owner, chunk_size)
+        mscmat_scores = scores if mscmat_scores is None else mscmat_scores.add_(scores)
+    if "mscmat" in modes:
+        results["mscmat"] = retrieval_metrics(mscmat_scores, owner, chunk_size)
+    if "fusion" in modes:
+        results["fusion"] = retrieval_metrics(global_scores + fusion_weight * mscmat_scores, owner, chunk_size)
+    order = ["global", "mscmat", "fusion"] + [name for name in results if name.startswith("mscmat_s")]
+    return {name: results[name] for name in order if name in results}

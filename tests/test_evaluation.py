@@ -1,5 +1,7 @@
 """The retrieval protocol against hand-computed cases (ties, 1 and 7 captions per image, chunking)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,35 @@ def test_metrics_table_lists_every_key():
     table = metrics_table({"global": metrics, "seeds": {k: (1.0, 0.5) for k in METRIC_KEYS}})
     assert all(key in table for key in METRIC_KEYS)
     assert "| global | 100.00" in table and "1.00 ± 0.50" in table
+
+
+MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "rs_mini"
+
+
+@pytest.mark.skipif(not MINI.is_dir(), reason=f"rs_mini images not found at {MINI}")
+def test_evaluate_model_scoring_modes_on_real_images():
+    from msa.data import load_annotations
+    from msa.evaluation import encode_split, evaluate_model
+    from msa.model import create_model
+
+    split = load_annotations(
+        "ucm", annotations=MINI / "ucm" / "dataset.json", image_root=MINI / "ucm" / "images"
+    ).split("train")
+    torch.manual_seed(0)
+    model = create_model("msa-tiny", backend="reference")
+    results = evaluate_model(model, split, fusion_weight=0.5, batch_size=4, chunk_size=4)
+    assert list(results) == ["global", "mscmat", "fusion", "mscmat_s0", "mscmat_s1", "mscmat_s2", "mscmat_s3"]
+    images, texts = encode_split(model, split, batch_size=4)
+    assert images.embeds.shape == (9, 64) and texts.embeds.shape == (45, 64)
+    global_scores = images.embeds @ texts.embeds.T
+    per_scale = [model.mscmat_similarity(images, texts, scale=s) for s in range(4)]
+    expected = {
+        "global": global_scores,
+        "mscmat": sum(per_scale),
+        "fusion": global_scores + 0.5 * sum(per_scale),
+        **{f"mscmat_s{s}": m for s, m in enumerate(per_scale)},
+    }
+    for mode, matrix in expected.items():
+        assert results[mode] == pytest.approx(retrieval_metrics(matrix, split.text_to_image)), mode
+    with pytest.raises(ValueError, match="unknown scoring mode"):
+        evaluate_model(model, split, modes=["bm25"])
