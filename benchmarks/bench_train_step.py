@@ -9,16 +9,19 @@ Two modes per (size, batch, provider), each forward + backward of the paper-pres
 - ``mscmat``: the MSCMAT part alone (scores of all B x B pairs + alignment and consistency losses, backward into the
   MSCMAT weights and the encoder outputs, which are fixed leaf tensors here);
 - ``step``: the whole training step (image and text encoders included), which is what a user waits for.
-The published size is ResNet-50 + a randomly initialised BERT-base (768 wide, 12 layers) at 224 px, 31 tokens, D = 768,
-12 heads. A case whose pair tensors would exceed ``--pairs-budget-gib`` is skipped and reported as such. Ratios are
-computed within this one run on this one device.
+The published size is ResNet-50 + a randomly initialised BERT-base (768 wide, 12 layers) at 224 px, 31 tokens,
+D = 768, 12 heads. Providers take turns within each case (the machine may be shared). A case whose pair tensors would
+exceed ``--pairs-budget-gib`` is skipped and reported as such. Ratios are computed within this one run on this one
+device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mscmat import environment, median_seconds, peak_memory  # noqa: E402
+from bench_mscmat import environment, peak_memory, synchronize  # noqa: E402
 
 import msa  # noqa: E402
 from msa.configs import TINY_BERT  # noqa: E402
@@ -119,6 +122,7 @@ def step_call(model: MSAModel, provider: str, batch):
 
     def call():
         model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks for every provider, so that their scores compare
         output = scores_of(model, provider, model.encode_image(images), model.encode_text(input_ids, attention_mask))
         msa_loss(output, preset="paper").total.backward()
         return torch.stack(output.scale_scores).detach()
@@ -141,13 +145,22 @@ def leaf_features(model: MSAModel, batch) -> tuple[ImageFeatures, TextFeatures]:
     )
 
 
+def timed(call, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    call()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def bench(args, device: torch.device, env: dict) -> list[Row]:
     rows: list[Row] = []
     budget = args.pairs_budget_gib * 2**30
     cases = [(size, batch, mode) for size in args.sizes for batch in args.batches for mode in args.modes]
-    progress = tqdm(total=len(cases) * len(args.providers), desc="train-step benchmark", unit="case")
+    progress = tqdm(total=len(cases), desc="train-step benchmark", unit="case")
     models: dict[str, MSAModel] = {}
     for size, batch_size, mode in cases:
+        progress.set_postfix_str(f"{size} B={batch_size} {mode}")
         if size not in models:
             torch.manual_seed(0)
             spec = SIZES[size]
@@ -155,29 +168,38 @@ def bench(args, device: torch.device, env: dict) -> list[Row]:
         model = models[size]
         batch = make_batch(model, batch_size, device)
         features = leaf_features(model, batch) if mode == "mscmat" else None
-        expected = None
+        calls, results = {}, {}
         for provider in args.providers:
-            progress.set_postfix_str(f"{size} B={batch_size} {mode} {provider}")
             if provider == "pairs" and pairs_bytes(model, batch_size) > budget:
                 note = f"skipped: pair tensors ~{pairs_bytes(model, batch_size) / 2**30:.0f} GiB > budget"
-                rows.append(Row(size, batch_size, mode, provider, None, None, None, note, env))
-                progress.update()
-                continue
-            if mode == "step" and size == "published" and batch_size > args.max_published_step_batch:
-                note = f"skipped: whole published-size step above B={args.max_published_step_batch} (--max-...)"
-                rows.append(Row(size, batch_size, mode, provider, None, None, None, note, env))
-                progress.update()
-                continue
-            call = mscmat_call(model, provider, *features) if mode == "mscmat" else step_call(model, provider, batch)
+            elif mode == "step" and size == "published" and batch_size > args.max_published_step_batch:
+                note = f"skipped: whole published-size step above B={args.max_published_step_batch}"
+            else:
+                note = ""
+                calls[provider] = (
+                    mscmat_call(model, provider, *features) if mode == "mscmat" else step_call(model, provider, batch)
+                )
+            results[provider] = {"note": note, "times": []}
+        for provider, call in calls.items():
             with peak_memory(device) as peak:
-                scores = call()
-            seconds = median_seconds(call, device, repeats=args.repeats, warmup=1)
-            if expected is None:
-                expected = scores.double()
-            error = (scores.double() - expected).abs().max().item()
-            mib = None if peak[0] is None else peak[0] / 2**20
-            rows.append(Row(size, batch_size, mode, provider, seconds * 1e3, mib, error, "", env))
-            progress.update()
+                results[provider]["scores"] = call()  # also the warm-up
+            results[provider]["peak"] = None if peak[0] is None else peak[0] / 2**20
+        # Providers take turns, so that a load change on this (shared) machine hits them alike.
+        for _ in range(args.repeats):
+            for provider, call in calls.items():
+                results[provider]["times"].append(timed(call, device))
+        expected = None
+        for provider in args.providers:
+            result = results[provider]
+            if provider not in calls:
+                rows.append(Row(size, batch_size, mode, provider, None, None, None, result["note"], env))
+                continue
+            scores = result["scores"].double()
+            expected = scores if expected is None else expected
+            error = (scores - expected).abs().max().item()
+            median_ms = statistics.median(result["times"]) * 1e3
+            rows.append(Row(size, batch_size, mode, provider, median_ms, result["peak"], error, "", env))
+        progress.update()
     progress.close()
     return rows
 
