@@ -21,6 +21,16 @@ MINI = REPO.parent / "shared" / "data" / "rs_mini"
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason=f"rs_mini images not found at {MINI}")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy CI machine oversubscribed OpenMP threads spin
+    (measured: this module 108 s with 2 threads vs 27 s with 1 at load average 4 on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ucm_mini(tmp_path_factory):
     """rs_mini's 9 UCM images with their real captions, split 5 train / 2 val / 2 test."""
