@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--modes", nargs="+", choices=SCORING_MODES, default=list(SCORING_MODES), help="scoring modes")
     add("--fusion-weight", type=float, default=1.0, help="fusion = global + weight x mscmat")
     add("--batch-size", type=int, default=128, help="encoder batch size")
-    add("--chunk-size", type=int, default=1024, help="rows/columns per block of the scoring and the metrics")
+    add("--chunk-size", type=int, default=1024, help="images/texts per block of the MSCMAT scoring")
     add("--workers", type=int, default=2, help="image-loading worker processes")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     add("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="encoder autocast dtype (CUDA)")

@@ -30,14 +30,15 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR
 
 
 def retrieval_ranks(
-    similarity: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 1024
+    similarity: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of every image query and every text query (ties against the query, see the module doc).
 
     Args:
         similarity: [N_img, N_txt] scores, larger is more similar (any float dtype, any device; no NaN).
         text_to_image: [N_txt] index of each text's image.
-        chunk_size: image rows processed at a time (temporaries of chunk_size x N_txt bytes).
+        chunk_size: image rows processed at a time (temporaries of chunk_size x N_txt bytes; 256 keeps a block of
+            NWPU's 15750 texts in cache: 3x faster than 1024 on the CPU of bench_eval.py).
 
     Returns:
         ``(i2t_ranks, t2i_ranks)``: [N_img'] (only images with at least one caption, in index order) and [N_txt],
@@ -91,7 +92,7 @@ def _median_rank(ranks: torch.Tensor) -> float:
 
 
 def retrieval_metrics(
-    similarity: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 1024
+    similarity: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 256
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways, mR, median and mean ranks of a similarity matrix.
 
@@ -271,7 +272,11 @@ def evaluate_model(
     autocast_dtype: torch.dtype | None = None,
     progress: Callable | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Encode a split and compute :func:`retrieval_metrics` for every scoring mode: ``{mode: metrics}``."""
+    """Encode a split and compute :func:`retrieval_metrics` for every scoring mode: ``{mode: metrics}``.
+
+    ``chunk_size`` is the image/text block of the MSCMAT scoring (``model.mscmat_similarity``); the metrics use
+    their own default block.
+    """
     unknown = set(modes) - set(SCORING_MODES)
     if unknown:
         raise ValueError(f"unknown scoring mode(s) {sorted(unknown)}; choose from {SCORING_MODES}")
@@ -285,18 +290,18 @@ def evaluate_model(
     if "global" in modes or "fusion" in modes:
         global_scores = model.similarity(image_features, text_features).float()
         if "global" in modes:
-            results["global"] = retrieval_metrics(global_scores, owner, chunk_size)
+            results["global"] = retrieval_metrics(global_scores, owner)
     if not {"mscmat", "fusion", "scales"} & set(modes):
         return results
     mscmat_scores = None
     for scale in range(len(image_features.scale_features)):
         scores = model.mscmat_similarity(image_features, text_features, scale=scale, chunk_size=chunk_size).float()
         if "scales" in modes:
-            results[f"mscmat_s{scale}"] = retrieval_metrics(scores, owner, chunk_size)
+            results[f"mscmat_s{scale}"] = retrieval_metrics(scores, owner)
         mscmat_scores = scores if mscmat_scores is None else mscmat_scores.add_(scores)
     if "mscmat" in modes:
-        results["mscmat"] = retrieval_metrics(mscmat_scores, owner, chunk_size)
+        results["mscmat"] = retrieval_metrics(mscmat_scores, owner)
     if "fusion" in modes:
-        results["fusion"] = retrieval_metrics(global_scores + fusion_weight * mscmat_scores, owner, chunk_size)
+        results["fusion"] = retrieval_metrics(global_scores + fusion_weight * mscmat_scores, owner)
     order = ["global", "mscmat", "fusion"] + [name for name in results if name.startswith("mscmat_s")]
     return {name: results[name] for name in order if name in results}

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--select-mode", help="scoring mode whose val mR selects the best checkpoint (default global)")
     add("--fusion-weight", type=float, help="fusion = global + weight x mscmat")
     add("--eval-batch-size", type=int, help="batch size of the evaluation encoders")
-    add("--eval-chunk-size", type=int, help="rows/columns per block of the metric computation")
+    add("--eval-chunk-size", type=int, help="images/texts per block of the MSCMAT scoring")
     add("--eval-every", type=int, help="validate every N epochs")
     add("--test", type=_str2bool, nargs="?", const=True, help="evaluate the best checkpoint on test at the end")
     add("--output-dir", help="run folder")
