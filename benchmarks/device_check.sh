@@ -42,10 +42,10 @@ fi
 arch=${TORCH_CUDA_ARCH_LIST:-$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 export CUDA_HOME MSA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-8}
 note "building msa._C with CUDA kernels for arch $arch (CUDA_HOME=${CUDA_HOME:-unset})"
-if ! timeout "${BUILD_SECONDS:-140}" "$py" -m pip install --no-build-isolation --no-deps --no-index -e . \
+if ! timeout "${BUILD_SECONDS:-130}" "$py" -m pip install --no-build-isolation --no-deps --no-index -e . \
   >"$out/build.log" 2>&1; then
   note "pip install -e failed; trying setup.py build_ext --inplace (see build.log)"
-  if ! timeout "${BUILD_SECONDS:-140}" "$py" setup.py build_ext --inplace >>"$out/build.log" 2>&1; then
+  if ! timeout "${BUILD_SECONDS:-130}" "$py" setup.py build_ext --inplace >>"$out/build.log" 2>&1; then
     note "BUILD FAILED"
     status=1
   fi
@@ -70,7 +70,7 @@ tail -n 3 "$out/gpu_tests.log" | tee -a "$env_file"
 
 # --- benchmarks: the targets first (short), then the full provider table --------------------------
 note "targets benchmark"
-if ! PYTHONUNBUFFERED=1 timeout "${TARGETS_SECONDS:-80}" "$py" benchmarks/bench_gpu_targets.py --out "$out" \
+if ! PYTHONUNBUFFERED=1 timeout "${TARGETS_SECONDS:-100}" "$py" benchmarks/bench_gpu_targets.py --out "$out" \
   >"$out/targets.log" 2>&1; then
   note "TARGETS BENCHMARK FAILED or timed out"
   tail -n 30 "$out/targets.log" >>"$env_file"
@@ -78,7 +78,7 @@ if ! PYTHONUNBUFFERED=1 timeout "${TARGETS_SECONDS:-80}" "$py" benchmarks/bench_
 fi
 rm -f "$out/targets.log"
 note "benchmark"
-if ! PYTHONUNBUFFERED=1 timeout "${BENCH_SECONDS:-100}" "$py" benchmarks/bench_mscmat.py --out "$out" --repeats 3 \
+if ! PYTHONUNBUFFERED=1 timeout "${BENCH_SECONDS:-90}" "$py" benchmarks/bench_mscmat.py --out "$out" --repeats 3 \
   --no-pairs >"$out/bench.log" 2>&1; then
   note "BENCHMARK FAILED or timed out (see the end of environment.txt)"
   tail -n 30 "$out/bench.log" >>"$env_file"
