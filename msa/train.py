@@ -118,6 +118,9 @@ class TrainConfig:
         unknown = set(self.eval_modes) - set(SCORING_MODES)
         if unknown:
             raise ValueError(f"unknown eval modes {sorted(unknown)}; choose from {SCORING_MODES}")
+        per_scale = self.select_mode.startswith("mscmat_s") and "scales" in self.eval_modes
+        if self.select_mode not in self.eval_modes and not per_scale:
+            raise ValueError(f"select_mode {self.select_mode!r} is not evaluated; eval_modes are {self.eval_modes}")
 
 
 # ------------------------------------------------------------------------------------------------- configuration

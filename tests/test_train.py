@@ -161,6 +161,9 @@ def test_cli_flags_override_yaml(tmp_path):
     assert config.augment == ["flip"] and config.skip_bad is True
     with pytest.raises(ValueError, match="unknown training settings"):
         load_config(None, learning_rate=1.0)
+    with pytest.raises(ValueError, match="select_mode"):
+        TrainConfig(eval_modes=["global"], select_mode="fusion")
+    assert TrainConfig(select_mode="mscmat_s2").select_mode == "mscmat_s2"
 
 
 def test_lr_schedules():
