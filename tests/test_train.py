@@ -192,14 +192,19 @@ def test_seed_summary_is_mean_and_std():
 
 
 @needs_mini
-def test_several_seeds_report_mean_and_std(ucm_mini, tmp_path):
-    from msa.train import run
+def test_several_seeds_report_mean_and_std_through_the_cli(ucm_mini, tmp_path, capsys):
+    from msa.train import main
 
-    config = _config(ucm_mini, tmp_path, epochs=1, seeds=[1, 2], eval_modes=["global"])
-    result = run(config)
-    assert sorted(result["seeds"]) == [1, 2]
-    assert all((tmp_path / f"seed_{s}" / "results.md").is_file() for s in (1, 2))
-    values = [result["seeds"][s]["test"]["global"]["mR"] for s in (1, 2)]
-    mean, std = result["summary"]["global"]["mR"]
+    main(
+        ["--model", "msa-tiny", "--dataset", "ucm", "--annotations", str(ucm_mini),
+         "--image-root", str(MINI / "ucm" / "images"), "--epochs", "1", "--batch-size", "8", "--workers", "0",
+         "--seeds", "1", "2", "--eval-modes", "global", "--output-dir", str(tmp_path), "--progress", "false",
+         "--tensorboard", "false", "--model-override", "backend=reference"]
+    )  # fmt: skip
+    assert "| scoring (mean ± std) |" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "results.json").read_text())
+    values = [summary["seeds"][s]["test"]["global"]["mR"] for s in ("1", "2")]
+    mean, std = summary["summary"]["global"]["mR"]
     assert mean == pytest.approx(sum(values) / 2) and std == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert all((tmp_path / f"seed_{s}" / "results.md").is_file() for s in (1, 2))
     assert "±" in (tmp_path / "results.md").read_text()
