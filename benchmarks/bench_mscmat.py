@@ -413,31 +413,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measuring the dense {rate_dtype} matmul rate of {env['device']} ...", file=sys.stderr)
     rate = matmul_rate(device, rate_dtype)
 
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "cuda-" + env["device"].replace(" ", "_") if device.type == "cuda" else "cpu"
+    stem = args.out / f"bench_mscmat_{tag}{'-quick' if args.quick else ''}"
     rows: list[Row] = []
+
+    def save() -> str:
+        # Rewritten after every case, so that a run cut short (a time limit on a lent GPU) keeps what it measured.
+        table = markdown(rows, rate, str(rate_dtype).replace("torch.", ""), env)
+        stem.with_suffix(".md").write_text(table + "\n")
+        record = {"matmul_rate_flops": rate, "matmul_dtype": str(rate_dtype), "environment": env}
+        record["rows"] = [asdict(row) for row in rows]
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+        return table
+
     todo = cases(device, args.quick)
     for index, (name, ni, nt, length, heads, head_dim, dtype, mode) in enumerate(todo, 1):
         print(f"[{index}/{len(todo)}] {name} {mode} {dtype} ...", file=sys.stderr)
         rows += bench_op_case(name, ni, nt, length, heads, head_dim, dtype, mode, device, rate, args.repeats, env)
+        save()
     fused = [name for name in op_providers(device) if not name.startswith("reference")]
     batch = 8 if args.quick else 64
     print(f"[layer] MSCMAT layer forward, B={batch} ...", file=sys.stderr)
     providers = [*fused, "reference", *([] if args.no_pairs else ["pairs"])]
     rows += bench_layer(f"MSCMAT layer B={batch}", batch, batch, device, args.repeats, env, providers)
+    save()
     if not args.quick:
         # A whole test split scored through MSCMAT, all 4 scales: what the published code never does at test time.
         print("[layer] MSCMAT over RSICD's test split (1093 x 5465, 4 scales) ...", file=sys.stderr)
         rows += bench_layer("MSCMAT eval RSICD test", 1093, 5465, device, 1, env, fused)
-
-    table = markdown(rows, rate, str(rate_dtype).replace("torch.", ""), env)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda-" + env["device"].replace(" ", "_") if device.type == "cuda" else "cpu"
-    suffix = "-quick" if args.quick else ""
-    (args.out / f"bench_mscmat_{tag}{suffix}.md").write_text(table + "\n")
-    record = {"matmul_rate_flops": rate, "matmul_dtype": str(rate_dtype), "environment": env}
-    record["rows"] = [asdict(row) for row in rows]
-    (args.out / f"bench_mscmat_{tag}{suffix}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print(f"wrote {args.out / f'bench_mscmat_{tag}{suffix}.json'}", file=sys.stderr)
+    print(save())
+    print(f"wrote {stem}.json and .md", file=sys.stderr)
     return 0
 
 
