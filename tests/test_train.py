@@ -68,9 +68,14 @@ def _losses(run_dir):
 
 
 @needs_mini
-@pytest.mark.parametrize("preset, augment", [("paper", []), ("improved", ["flip", "rot90"])])
-def test_interrupt_and_resume_gives_the_same_loss_curve(ucm_mini, tmp_path, preset, augment, capsys):
-    common = dict(preset=preset, augment=augment, save_every_steps=2)
+@pytest.mark.parametrize("preset, augment, dropout", [("paper", [], 0.0), ("improved", ["flip", "rot90"], 0.2)])
+def test_interrupt_and_resume_gives_the_same_loss_curve(ucm_mini, tmp_path, preset, augment, dropout, capsys):
+    from msa.configs import TINY_BERT
+
+    # Dropout in the text encoder: the resumed run must also restore the global RNG stream.
+    text_config = {**TINY_BERT, "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    overrides = {"backend": "reference", "text_config": text_config}
+    common = dict(preset=preset, augment=augment, save_every_steps=2, model_overrides=overrides)
     full = train(_config(ucm_mini, tmp_path / "full", **common))
     assert full["status"] == "finished" and full["steps"] == 6
     # Interrupted mid-epoch 1 after step 4 (the checkpoint of step 4 is written), then resumed.
