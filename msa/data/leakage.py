@@ -1,7 +1,8 @@
 """Leakage check: images shared between splits of one or two datasets, found by file content hash.
 
 RSICD and RSITMD share images (RSITMD was partly built from RSICD's sources), so a model trained on one split can
-have seen another dataset's test images. Identical files hash identically whatever their names.
+have seen another dataset's test images. Identical files hash identically whatever their names; a re-encoded or
+resized copy (TIFF vs JPEG) hashes differently and is not found (that needs a perceptual comparison).
 """
 
 from __future__ import annotations
