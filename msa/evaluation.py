@@ -46,6 +46,8 @@ def retrieval_ranks(
     """
     if similarity.dim() != 2:
         raise ValueError(f"similarity must be [N_img, N_txt], got shape {tuple(similarity.shape)}")
+    if not similarity.is_floating_point():
+        similarity = similarity.float()
     num_images, num_texts = similarity.shape
     owner = torch.as_tensor(text_to_image, dtype=torch.long, device=similarity.device)
     if owner.shape != (num_texts,):

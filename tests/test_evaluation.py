@@ -102,6 +102,9 @@ def test_chunking_matches_unchunked_and_brute_force(chunk_size):
         column = similarity[:, text]
         assert t2i[text].item() == int((column >= column[owner[text]]).sum()) - 1
     assert retrieval_metrics(similarity, owner, chunk_size) == retrieval_metrics(similarity, owner, 1024)
+    # Any dtype: integer scores, half precision (exactly representable values here).
+    assert retrieval_metrics(similarity.long(), owner, chunk_size) == retrieval_metrics(similarity, owner)
+    assert retrieval_metrics(similarity.half(), owner, chunk_size) == retrieval_metrics(similarity, owner)
 
 
 def test_input_checks():
