@@ -55,9 +55,14 @@ def test_real_annotation_counts(name, filename, expected):
 
 @needs_captions
 def test_rsicd_empty_captions_error_or_are_counted():
-    # RSICD holds 3 empty sentences (2 train, 1 val): an error naming the image by default, counted with skip_bad.
+    # RSICD holds 3 empty sentences (2 train, 1 val): an error naming the image when train or val is used, counted
+    # with skip_bad; the clean test split loads either way.
+    strict = load_annotations("rsicd", annotations=CAPTIONS / "dataset_rsicd.json")
     with pytest.raises(AnnotationError, match="bridge_218.jpg"):
-        load_annotations("rsicd", annotations=CAPTIONS / "dataset_rsicd.json")
+        strict.split("train")
+    with pytest.raises(AnnotationError, match="bridge_59.jpg"):
+        strict.split("val")
+    assert strict.split("test").num_captions == 5465
     annotations = load_annotations("rsicd", annotations=CAPTIONS / "dataset_rsicd.json", skip_bad=True)
     assert annotations.skipped == {"empty_caption": 3}
     test = annotations.split("test")
@@ -145,7 +150,7 @@ def test_nwpu_json_layout(tmp_path):
     (tmp_path / "dataset_nwpu.json").write_text(json.dumps(data))
     (tmp_path / "images").mkdir()
     with pytest.raises(AnnotationError, match="beach/beach_001.jpg"):
-        load_annotations("nwpu", tmp_path)
+        load_annotations("nwpu", tmp_path).split("val")
     annotations = load_annotations("nwpu", tmp_path, skip_bad=True)
     assert annotations.counts() == {"train": (1, 5), "val": (1, 4), "test": (1, 5)}
     assert annotations.images[0].captions == ["a plane .", "b", "c", "d", "e"]

@@ -38,6 +38,7 @@ class ImageRecord:
     split: str
     captions: list[str]
     label: str | None = None
+    empty_captions: int = 0  # empty sentences found (and not skipped): using this image's split raises
 
 
 @dataclass
@@ -96,10 +97,17 @@ class Annotations:
 
         Raises:
             KeyError: the split does not exist (the message lists the ones that do).
+            AnnotationError: the split holds empty captions (loaded without ``skip_bad``); names the images.
         """
         records = [r for r in self.images if r.split == split]
         if not records:
             raise KeyError(f"{self.name}: no split {split!r} in {self.source}; splits present: {self.split_names()}")
+        empty = [r.filename for r in records if r.empty_captions]
+        if empty:
+            raise AnnotationError(
+                f"{self.source}: {len(empty)} image(s) of split {split!r} have an empty caption: {empty[:5]} "
+                "(pass skip_bad / --skip-bad to skip and count them)"
+            )
         captions: list[str] = []
         text_to_image: list[int] = []
         for index, record in enumerate(records):
@@ -125,21 +133,17 @@ def _add_record(
     filename: str,
     split: str,
     captions: list[str],
-    source: Path,
     skip_bad: bool,
     label: str | None = None,
 ) -> None:
-    kept = []
-    for caption in captions:
-        if caption:
-            kept.append(caption)
-        elif skip_bad:
-            skipped["empty_caption"] = skipped.get("empty_caption", 0) + 1
-        else:
-            raise AnnotationError(
-                f"{source}: empty caption for image {filename!r} (pass skip_bad / --skip-bad to skip)"
-            )
-    images.append(ImageRecord(filename=filename, split=split, captions=kept, label=label))
+    kept = [caption for caption in captions if caption]
+    empty = len(captions) - len(kept)
+    if empty and skip_bad:
+        skipped["empty_caption"] = skipped.get("empty_caption", 0) + empty
+        empty = 0
+    # Without skip_bad the error is raised when the split is used (Annotations.split), so that an empty caption in
+    # train does not prevent evaluating on test.
+    images.append(ImageRecord(filename=filename, split=split, captions=kept, label=label, empty_captions=empty))
 
 
 def load_karpathy_json(
@@ -154,7 +158,8 @@ def load_karpathy_json(
         path: the JSON file.
         image_root: the image folder (default: the JSON's folder).
         name: dataset name (default: the JSON's ``dataset`` field, else the file stem).
-        skip_bad: skip and count empty captions instead of raising :class:`AnnotationError`.
+        skip_bad: skip and count empty captions; without it, :meth:`Annotations.split` raises
+            :class:`AnnotationError` for a split that holds one.
     """
     path = Path(path)
     with open(path, encoding="utf-8") as f:
@@ -176,7 +181,7 @@ def load_karpathy_json(
             filename = f"{record['filepath']}/{filename}"
         captions = [_clean_caption(s.get("raw") or " ".join(s.get("tokens") or [])) for s in sentences]
         label = record.get("label")
-        _add_record(images, skipped, filename, split, captions, path, skip_bad, None if label is None else str(label))
+        _add_record(images, skipped, filename, split, captions, skip_bad, None if label is None else str(label))
     return Annotations(
         name=name or str(data.get("dataset") or path.stem),
         image_root=Path(image_root) if image_root is not None else path.parent,
@@ -205,7 +210,7 @@ def load_nwpu_json(
             raw_keys = ["raw"] + sorted((k for k in record if k.startswith("raw_")), key=lambda k: int(k[4:]))
             captions = [_clean_caption(record.get(k)) for k in raw_keys]
             filename = f"{category}/{record['filename']}"
-            _add_record(images, skipped, filename, record.get("split", "train"), captions, path, skip_bad, category)
+            _add_record(images, skipped, filename, record.get("split", "train"), captions, skip_bad, category)
     return Annotations(
         name=name,
         image_root=Path(image_root) if image_root is not None else path.parent / "images",
@@ -242,7 +247,7 @@ def load_caption_csv(
     images: list[ImageRecord] = []
     skipped: dict[str, int] = {}
     for filename, captions in grouped.items():
-        _add_record(images, skipped, filename, split, captions, path, skip_bad)
+        _add_record(images, skipped, filename, split, captions, skip_bad)
     return Annotations(
         name=name or path.stem,
         image_root=Path(image_root) if image_root is not None else path.parent,
@@ -304,7 +309,7 @@ def load_annotations(
         annotations: explicit annotation file (overrides the search in ``root``).
         image_root: explicit image folder (overrides the search in ``root``).
         csv_split: the split of a CSV's rows (see :func:`load_caption_csv`).
-        skip_bad: skip and count empty captions instead of raising.
+        skip_bad: skip and count empty captions (else using a split that holds one raises).
 
     Raises:
         FileNotFoundError: no annotation file was found; the message lists the names tried.
