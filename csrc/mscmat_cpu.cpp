@@ -191,15 +191,23 @@ inline void backward_epilogue(
   backward_tile_epilogue<double>(s, r, keep, bi, bj, L, scale, grad, grad_stride);
 }
 
-// Rows [first_row, first_row + rows) of head `head` of a head-major [H, N, Dh] buffer, as a [rows, Dh]
-// matrix. Head-major copies make every GEMM operand contiguous (lda = Dh), which BLAS runs far faster than
-// the rows of [N, H, Dh] that sit H*Dh apart. from_blob keeps worker threads away from the caller's tensors
-// (and their inference-mode or autograd state).
-inline at::Tensor head_rows(const void* base, int64_t total_rows, int64_t head, int64_t first_row, int64_t rows,
+// Rows [first_row, first_row + rows) of head `head` as a [rows, Dh] matrix whose rows are `row_stride` apart:
+// q and u are copied head-major ([H, Ni, Dh], row_stride = Dh: cheap, they are small); k and v stay in the
+// caller's [Nt * L, H, Dh] layout (row_stride = H * Dh), since copying them costs more memory traffic than the
+// strided GEMM operand costs BLAS. from_blob keeps worker threads away from the caller's tensors (and their
+// inference-mode or autograd state).
+inline at::Tensor image_rows(const void* base, int64_t num_images, int64_t head, int64_t first_row, int64_t rows,
+                             int64_t head_dim, const at::TensorOptions& options) {
+  const int64_t elem = static_cast<int64_t>(options.dtype().itemsize());
+  auto* ptr = static_cast<char*>(const_cast<void*>(base)) + (head * num_images + first_row) * head_dim * elem;
+  return at::from_blob(ptr, {rows, head_dim}, options);
+}
+
+inline at::Tensor word_rows(const void* base, int64_t heads, int64_t head, int64_t first_row, int64_t rows,
                             int64_t head_dim, const at::TensorOptions& options) {
   const int64_t elem = static_cast<int64_t>(options.dtype().itemsize());
-  auto* ptr = static_cast<char*>(const_cast<void*>(base)) + (head * total_rows + first_row) * head_dim * elem;
-  return at::from_blob(ptr, {rows, head_dim}, options);
+  auto* ptr = static_cast<char*>(const_cast<void*>(base)) + (first_row * heads + head) * head_dim * elem;
+  return at::from_blob(ptr, {rows, head_dim}, {heads * head_dim, 1}, options);
 }
 
 struct Problem {
@@ -229,8 +237,8 @@ struct Inputs {
   Problem p;
 };
 
-// Head-major compute-dtype copies (q, u: [H, Ni, Dh]; k, v: [H, Nt * L, Dh]) and the word mask as 0/1 in
-// the compute dtype, never null. The copies cost O(size of the inputs), nothing next to the Ni * Nt pairs.
+// Compute-dtype inputs (q, u head-major [H, Ni, Dh]; k, v contiguous [Nt, L, H, Dh]) and the word mask as 0/1
+// in the compute dtype, never null.
 Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
                const std::optional<at::Tensor>& word_mask) {
   TORCH_CHECK(q.dim() == 3 && u.sizes() == q.sizes(), "msa::mscmat_scores: q and u must be [Ni, H, Dh]");
@@ -243,13 +251,10 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, co
   Inputs in;
   in.p = {q.size(0), k.size(0), q.size(1), q.size(2), k.size(1)};
   const auto images_head_major = [&](const at::Tensor& t) { return t.to(compute).permute({1, 0, 2}).contiguous(); };
-  const auto words_head_major = [&](const at::Tensor& t) {
-    return t.to(compute).permute({2, 0, 1, 3}).contiguous().view({in.p.heads, -1, in.p.head_dim});
-  };
   in.q = images_head_major(q);
   in.u = images_head_major(u);
-  in.k = words_head_major(k);
-  in.v = words_head_major(v);
+  in.k = k.to(compute).contiguous();
+  in.v = v.to(compute).contiguous();
   if (word_mask.has_value()) {
     TORCH_CHECK(word_mask->dim() == 2 && word_mask->size(0) == in.p.num_texts && word_mask->size(1) == in.p.num_words,
                 "msa::mscmat_scores: word_mask must be [Nt, L]");
@@ -282,11 +287,10 @@ void forward_impl(const Inputs& in, scalar_t scale, scalar_t* out) {
       at::Tensor r_tile = at::from_blob(readouts.data(), {bi, bj * L}, options);
       std::fill(acc.begin(), acc.end(), scalar_t(0));
       for (int64_t h = 0; h < p.heads; ++h) {
-        const int64_t word_rows = p.num_texts * L;
-        at::mm_out(s_tile, head_rows(q, p.num_images, h, i0, bi, p.head_dim, options),
-                   head_rows(k, word_rows, h, j0 * L, bj * L, p.head_dim, options).t());
-        at::mm_out(r_tile, head_rows(u, p.num_images, h, i0, bi, p.head_dim, options),
-                   head_rows(v, word_rows, h, j0 * L, bj * L, p.head_dim, options).t());
+        at::mm_out(s_tile, image_rows(q, p.num_images, h, i0, bi, p.head_dim, options),
+                   word_rows(k, p.heads, h, j0 * L, bj * L, p.head_dim, options).t());
+        at::mm_out(r_tile, image_rows(u, p.num_images, h, i0, bi, p.head_dim, options),
+                   word_rows(v, p.heads, h, j0 * L, bj * L, p.head_dim, options).t());
         forward_epilogue(logits.data(), readouts.data(), keep + j0 * L, bi, bj, L, scale, acc.data());
       }
       for (int64_t i = 0; i < bi; ++i) {
@@ -306,18 +310,18 @@ void backward_impl(const Inputs& in, scalar_t scale, const scalar_t* grad, at::T
   const auto options = in.q.options().requires_grad(false);
   const void *q = in.q.data_ptr(), *u = in.u.data_ptr(), *k = in.k.data_ptr(), *v = in.v.data_ptr();
   const scalar_t* keep = in.keep.data_ptr<scalar_t>();
-  const int64_t word_rows = p.num_texts * L;
 
   // Split the images into chunks only when there are fewer heads than threads; each extra chunk then
   // accumulates dk and dv into a private buffer, summed at the end.
   const int64_t threads = at::get_num_threads();
   const int64_t image_tiles = (p.num_images + image_block - 1) / image_block;
-  const int64_t chunks = std::min(image_tiles, std::max<int64_t>(1, (threads + p.heads - 1) / p.heads));
-  const int64_t tiles_per_chunk = (image_tiles + chunks - 1) / chunks;
+  const int64_t wanted_chunks = std::min(image_tiles, std::max<int64_t>(1, (threads + p.heads - 1) / p.heads));
+  const int64_t tiles_per_chunk = (image_tiles + wanted_chunks - 1) / wanted_chunks;
+  const int64_t chunks = (image_tiles + tiles_per_chunk - 1) / tiles_per_chunk;  // none of them empty
   std::vector<at::Tensor> dk_parts{dk}, dv_parts{dv};
   for (int64_t c = 1; c < chunks; ++c) {
-    dk_parts.push_back(at::zeros_like(dk));
-    dv_parts.push_back(at::zeros_like(dv));
+    dk_parts.push_back(at::empty_like(dk));
+    dv_parts.push_back(at::empty_like(dv));
   }
   void *dq_ptr = dq.data_ptr(), *du_ptr = du.data_ptr();
   std::vector<void*> dk_ptrs, dv_ptrs;
@@ -334,25 +338,28 @@ void backward_impl(const Inputs& in, scalar_t scale, const scalar_t* grad, at::T
       const int64_t end_image = std::min(p.num_images, (chunk + 1) * tiles_per_chunk * image_block);
       for (int64_t i0 = first_image; i0 < end_image; i0 += image_block) {
         const int64_t bi = std::min(image_block, end_image - i0);
-        at::Tensor q_h = head_rows(q, p.num_images, h, i0, bi, p.head_dim, options);
-        at::Tensor u_h = head_rows(u, p.num_images, h, i0, bi, p.head_dim, options);
-        at::Tensor dq_h = head_rows(dq_ptr, p.num_images, h, i0, bi, p.head_dim, options);
-        at::Tensor du_h = head_rows(du_ptr, p.num_images, h, i0, bi, p.head_dim, options);
+        at::Tensor q_h = image_rows(q, p.num_images, h, i0, bi, p.head_dim, options);
+        at::Tensor u_h = image_rows(u, p.num_images, h, i0, bi, p.head_dim, options);
+        at::Tensor dq_h = image_rows(dq_ptr, p.num_images, h, i0, bi, p.head_dim, options);
+        at::Tensor du_h = image_rows(du_ptr, p.num_images, h, i0, bi, p.head_dim, options);
         for (int64_t j0 = 0; j0 < p.num_texts; j0 += text_block) {
           const int64_t bj = std::min(text_block, p.num_texts - j0);
           at::Tensor s_tile = at::from_blob(logits.data(), {bi, bj * L}, options);
           at::Tensor r_tile = at::from_blob(readouts.data(), {bi, bj * L}, options);
-          at::Tensor k_h = head_rows(k, word_rows, h, j0 * L, bj * L, p.head_dim, options);
-          at::Tensor v_h = head_rows(v, word_rows, h, j0 * L, bj * L, p.head_dim, options);
+          at::Tensor k_h = word_rows(k, p.heads, h, j0 * L, bj * L, p.head_dim, options);
+          at::Tensor v_h = word_rows(v, p.heads, h, j0 * L, bj * L, p.head_dim, options);
           at::mm_out(s_tile, q_h, k_h.t());
           at::mm_out(r_tile, u_h, v_h.t());
           backward_epilogue(logits.data(), readouts.data(), keep + j0 * L, bi, bj, L, scale,
                             grad + i0 * p.num_texts + j0, p.num_texts);
           // s_tile now holds dS and r_tile holds dR.
-          dq_h.addmm_(s_tile, k_h);
-          du_h.addmm_(r_tile, v_h);
-          head_rows(dk_ptrs[chunk], word_rows, h, j0 * L, bj * L, p.head_dim, options).addmm_(s_tile.t(), q_h);
-          head_rows(dv_ptrs[chunk], word_rows, h, j0 * L, bj * L, p.head_dim, options).addmm_(r_tile.t(), u_h);
+          // The gradients start uninitialised: the first tile that reaches a slice writes it (beta = 0, which
+          // ignores what was there, NaN included), the later ones accumulate.
+          const double dq_beta = j0 == 0 ? 0.0 : 1.0, dk_beta = i0 == first_image ? 0.0 : 1.0;
+          dq_h.addmm_(s_tile, k_h, dq_beta);
+          du_h.addmm_(r_tile, v_h, dq_beta);
+          word_rows(dk_ptrs[chunk], p.heads, h, j0 * L, bj * L, p.head_dim, options).addmm_(s_tile.t(), q_h, dk_beta);
+          word_rows(dv_ptrs[chunk], p.heads, h, j0 * L, bj * L, p.head_dim, options).addmm_(r_tile.t(), u_h, dk_beta);
         }
       }
     }
@@ -383,20 +390,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscmat_scores_backwar
                   grad_scores.size(1) == in.p.num_texts,
               "msa::mscmat_scores_backward: grad_scores must be [Ni, Nt]");
   const at::Tensor grad = grad_scores.to(in.q.scalar_type()).contiguous();
-  at::Tensor dq = at::zeros_like(in.q), du = at::zeros_like(in.u), dk = at::zeros_like(in.k),
-             dv = at::zeros_like(in.v);
-  if (grad.numel() > 0 && in.p.num_words > 0 && in.p.heads > 0) {
+  const bool any_work = grad.numel() > 0 && in.p.num_words > 0 && in.p.heads > 0;
+  // With work to do, every gradient element is written by the tiles (see backward_impl); without, all are 0.
+  const auto make = [&](const at::Tensor& like) { return any_work ? at::empty_like(like) : at::zeros_like(like); };
+  at::Tensor dq = make(in.q), du = make(in.u), dk = make(in.k), dv = make(in.v);
+  if (any_work) {
     AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "mscmat_scores_backward_cpu", [&] {
       backward_impl<scalar_t>(in, static_cast<scalar_t>(scale), grad.data_ptr<scalar_t>(), dq, du, dk, dv);
     });
   }
-  // Back from head-major to the callers' layouts.
+  // dq and du back from head-major to the callers' layout; dk and dv are in it already.
   const auto dtype = q.scalar_type();
   const auto images_layout = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).to(dtype).contiguous(); };
-  const auto words_layout = [&](const at::Tensor& t) {
-    return t.view({in.p.heads, in.p.num_texts, in.p.num_words, in.p.head_dim}).permute({1, 2, 0, 3}).to(dtype).contiguous();
-  };
-  return {images_layout(dq), images_layout(du), words_layout(dk), words_layout(dv)};
+  return {images_layout(dq), images_layout(du), dk.to(dtype), dv.to(dtype)};
 }
 
 }  // namespace

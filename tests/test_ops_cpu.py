@@ -66,6 +66,24 @@ def test_float32_gradients_match_reference(ni, nt, length, heads, head_dim):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("threads,heads", [(4, 1), (3, 2), (1, 3)])
+def test_gradients_with_more_threads_than_heads(threads, heads):
+    # Fewer heads than threads splits the images into chunks with private dk/dv buffers, summed at the end.
+    q, u, k, v, mask = make_inputs(80, 8, 4, heads, 16, requires_grad=True)
+    grad_out = torch.randn(80, 8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused_grads = torch.autograd.grad(mscmat_scores(q, u, k, v, mask, backend="cpu"), (q, u, k, v), grad_out)
+    finally:
+        torch.set_num_threads(previous)
+    ref_inputs = [t.requires_grad_() for t in as_double(q, u, k, v)]
+    ref_grads = torch.autograd.grad(mscmat_scores_ref(*ref_inputs, mask), ref_inputs, grad_out.double())
+    for fused, ref in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(fused.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().clamp_min(1.0))
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_float64(masked):
     q, u, k, v, mask = make_inputs(5, 6, 7, 2, 8, dtype=torch.float64, masked=masked, requires_grad=True)
