@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from msa.ops._autograd import register_scores_autograd
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Texts longer than this are processed in chunks of this many words (online softmax).
 MAX_BLOCK_L = 128
@@ -548,19 +550,7 @@ def _mscmat_scores_triton_backward_op(
     return dq, du, dk, dv
 
 
-def _setup_context(ctx, inputs, output):
-    q, u, k, v, word_mask, scale = inputs
-    ctx.save_for_backward(q, u, k, v, word_mask)
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_scores):
-    q, u, k, v, word_mask = ctx.saved_tensors
-    dq, du, dk, dv = torch.ops.msa.mscmat_scores_triton_backward(grad_scores, q, u, k, v, word_mask, ctx.scale)
-    return dq, du, dk, dv, None, None
-
-
-_mscmat_scores_triton_op.register_autograd(_backward, setup_context=_setup_context)
+register_scores_autograd(_mscmat_scores_triton_op.register_autograd, torch.ops.msa.mscmat_scores_triton_backward)
 
 
 def mscmat_scores_triton(

@@ -3,7 +3,11 @@ torch.library.opcheck see them like any built-in op. Only imported once msa._C h
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from msa.ops._autograd import register_scores_autograd
 
 
 @torch.library.register_fake("msa::mscmat_scores")
@@ -16,16 +20,7 @@ def _mscmat_scores_backward_fake(grad_scores, q, u, k, v, word_mask, scale):
     return torch.empty_like(q), torch.empty_like(u), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, u, k, v, word_mask, scale = inputs
-    ctx.save_for_backward(q, u, k, v, word_mask)
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_scores):
-    q, u, k, v, word_mask = ctx.saved_tensors
-    dq, du, dk, dv = torch.ops.msa.mscmat_scores_backward(grad_scores, q, u, k, v, word_mask, ctx.scale)
-    return dq, du, dk, dv, None, None
-
-
-torch.library.register_autograd("msa::mscmat_scores", _backward, setup_context=_setup_context)
+register_scores_autograd(
+    functools.partial(torch.library.register_autograd, "msa::mscmat_scores"),
+    torch.ops.msa.mscmat_scores_backward,
+)
