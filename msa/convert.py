@@ -142,7 +142,7 @@ def from_official(
     Returns:
         the converted model.
     """
-    from msa.model import MSAModel
+    from msa.model import MSAModel, state_dict_differences
 
     base = get_config(config) if isinstance(config, str) else config
     changes: dict[str, Any] = {"preset": "paper", **overrides}
@@ -171,13 +171,7 @@ def from_official(
         covered = [key for key in own if key.startswith(prefix) and not key.endswith("num_batches_tracked")]
         if part == "img_model":
             covered = [key for key in covered if not key.startswith(_PARTS["img_map"][1])]
-        missing = sorted(set(covered) - set(renamed))
-        unexpected = sorted(set(renamed) - set(own))
-        mismatched = [
-            f"{key}: published {tuple(renamed[key].shape)} vs model {tuple(own[key].shape)}"
-            for key in sorted(set(renamed) & set(own))
-            if renamed[key].shape != own[key].shape
-        ]
+        missing, unexpected, mismatched = state_dict_differences(own, renamed, "published", required=covered)
         if missing or unexpected or mismatched:
             raise ValueError(
                 f"{part} does not fit the config {getattr(config, 'image_backbone', config)!r}: missing "

@@ -271,20 +271,28 @@ class MSAModel(nn.Module):
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Strictly load ``state``; any missing, unexpected or mis-shaped key raises one ``ValueError`` listing them."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        mismatched = [
-            f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
-            for key in sorted(set(own) & set(state))
-            if state[key].shape != own[key].shape
-        ]
+        missing, unexpected, mismatched = state_dict_differences(self.state_dict(), state, "checkpoint")
         if missing or unexpected or mismatched:
             raise ValueError(
                 f"{source} does not match this model's config: missing keys {_some(missing)}; "
                 f"unexpected keys {_some(unexpected)}; shape mismatches {_some(mismatched)}"
             )
         self.load_state_dict(state)
+
+
+def state_dict_differences(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, required: list[str] | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """Keys of ``required`` (default: all of ``own``) missing from ``state``, keys of ``state`` unknown to ``own``,
+    and "key: <source> shape vs model shape" for the keys whose shapes differ."""
+    missing = sorted(set(own if required is None else required) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{key}: {source} {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in sorted(set(own) & set(state))
+        if state[key].shape != own[key].shape
+    ]
+    return missing, unexpected, mismatched
 
 
 def _some(items: list[str], limit: int = 12) -> str:
