@@ -33,6 +33,9 @@ def test_interpreter_suite_in_child_process():
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
         env=env,
+        # `python -m` puts the working directory first on sys.path: from the repository root that would import the
+        # source tree's msa (no compiled extension, no msa.kernels) instead of the installed one.
+        cwd=os.path.dirname(os.path.abspath(__file__)),
         capture_output=True,
         text=True,
         timeout=600,
