@@ -158,6 +158,27 @@ def _online_update(m, den, num, s3, r3):
 
 
 @triton.jit
+def _softmax_stats(
+    q, u, K, V, Mask, text_ids, h, offs_n, offs_d, stride_kt, stride_kl, stride_kh, stride_mt, stride_ml, Nt, L,
+    scale_log2, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """Running max m, denominator and numerator of every (image, text) pair of the tile over all the texts'
+    word chunks (see _online_update)."""
+    m = tl.full((BLOCK_I, BLOCK_T), float("-inf"), dtype=tl.float32)
+    den = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
+    num = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
+    for w0 in range(0, L, BLOCK_L):
+        word_ids = w0 + offs_n % BLOCK_L
+        _, _, s3, r3 = _load_chunk(
+            q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
+            stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_T, BLOCK_L,
+        )  # fmt: skip
+        m, den, num = _online_update(m, den, num, s3, r3)
+    return m, den, num
+
+
+@triton.jit
 def _finalize(m, den, num):
     """Shift, 1 / denominator and head output o per (image, text); a fully masked text gets o = 0 and
     1 / den = 0, so all its weights vanish."""
@@ -231,17 +252,11 @@ def _mscmat_scores_fwd_kernel(
         image_offs = offs_i[:, None] * stride_qi + h * stride_qh + offs_d[None, :]
         q = tl.load(Q + image_offs, mask=image_mask, other=0.0)
         u = tl.load(U + image_offs, mask=image_mask, other=0.0)
-        m = tl.full((BLOCK_I, BLOCK_T), float("-inf"), dtype=tl.float32)
-        den = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
-        num = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
-        for w0 in range(0, L, BLOCK_L):
-            word_ids = w0 + offs_n % BLOCK_L
-            _, _, s3, r3 = _load_chunk(
-                q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
-                BLOCK_T, BLOCK_L,
-            )  # fmt: skip
-            m, den, num = _online_update(m, den, num, s3, r3)
+        m, den, num = _softmax_stats(
+            q, u, K, V, Mask, text_ids, h, offs_n, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
+            stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_T,
+            BLOCK_L,
+        )  # fmt: skip
         _, _, head_out = _finalize(m, den, num)
         acc += head_out
     out_mask = (offs_i[:, None] < Ni) & (offs_t[None, :] < Nt)
@@ -303,10 +318,10 @@ def _mscmat_scores_bwd_images_kernel(
         g_mask = (offs_i[:, None] < Ni) & (offs_t[None, :] < Nt)
         g = tl.load(Grad + offs_i[:, None] * stride_gi + offs_t[None, :] * stride_gt, mask=g_mask, other=0.0)
         g = g.to(tl.float32)
-        m = tl.full((BLOCK_I, BLOCK_T), float("-inf"), dtype=tl.float32)
-        den = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
-        num = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
         if ONE_CHUNK:
+            m = tl.full((BLOCK_I, BLOCK_T), float("-inf"), dtype=tl.float32)
+            den = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
+            num = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
             word_ids = offs_n % BLOCK_L
             k, v, s3, r3 = _load_chunk(
                 q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
@@ -320,14 +335,11 @@ def _mscmat_scores_bwd_images_kernel(
             du = _mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
         else:
             # Long texts: a first pass over the word chunks for the softmax statistics, a second for the grads.
-            for w0 in range(0, L, BLOCK_L):
-                word_ids = w0 + offs_n % BLOCK_L
-                _, _, s3, r3 = _load_chunk(
-                    q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                    stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
-                BLOCK_T, BLOCK_L,
-                )  # fmt: skip
-                m, den, num = _online_update(m, den, num, s3, r3)
+            m, den, num = _softmax_stats(
+                q, u, K, V, Mask, text_ids, h, offs_n, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
+                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_T,
+                BLOCK_L,
+            )  # fmt: skip
             m_safe, inv_den, head_out = _finalize(m, den, num)
             for w0 in range(0, L, BLOCK_L):
                 word_ids = w0 + offs_n % BLOCK_L
@@ -403,10 +415,10 @@ def _mscmat_scores_bwd_words_kernel(
         g_mask = (offs_i[:, None] < Ni) & (offs_t[None, :] < Nt)
         g = tl.load(Grad + offs_i[:, None] * stride_gi + offs_t[None, :] * stride_gt, mask=g_mask, other=0.0)
         g = g.to(tl.float32)
-        m = tl.full((BLOCK_I, BLOCK_T), float("-inf"), dtype=tl.float32)
-        den = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
-        num = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
         if ONE_CHUNK:
+            m = tl.full((BLOCK_I, BLOCK_T), float("-inf"), dtype=tl.float32)
+            den = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
+            num = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
             _, _, s3, r3 = _load_chunk(
                 q, u, K, V, Mask, text_ids, own_word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
                 stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
@@ -414,14 +426,11 @@ def _mscmat_scores_bwd_words_kernel(
             )  # fmt: skip
             m, den, num = _online_update(m, den, num, s3, r3)
         else:
-            for w0 in range(0, L, BLOCK_L):
-                word_ids = w0 + offs_n % BLOCK_L
-                _, _, s3, r3 = _load_chunk(
-                    q, u, K, V, Mask, text_ids, word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
-                    stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
-                BLOCK_T, BLOCK_L,
-                )  # fmt: skip
-                m, den, num = _online_update(m, den, num, s3, r3)
+            m, den, num = _softmax_stats(
+                q, u, K, V, Mask, text_ids, h, offs_n, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
+                stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_T,
+                BLOCK_L,
+            )  # fmt: skip
             _, _, s3, r3 = _load_chunk(
                 q, u, K, V, Mask, text_ids, own_word_ids, h, offs_d, stride_kt, stride_kl, stride_kh, stride_mt,
                 stride_ml, Nt, L, scale_log2, HEAD_DIM, HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I,
