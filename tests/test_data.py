@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic_data import LAYOUTS, write_synthetic_dataset
 
 from msa.data import (
     AnnotationError,
@@ -311,3 +312,31 @@ def test_msa_data_cli_leakage_and_stats(tmp_path, capsys):
     assert report["shared"][0]["file_a"] == "2.tif" and report["counts"][0]["shared"] == 1
     main(["stats", "--dataset", "ucm", "--annotations", str(MINI / "ucm" / "dataset.json"), "--val-fraction", "0.3"])
     assert "| train | 6 | 30 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_synthetic_datasets_load_in_every_layout(synthetic_dataset, layout):
+    data = synthetic_dataset(layout, num_images=12)
+    explicit = load_annotations(data.dataset, annotations=data.annotations, image_root=data.image_root)
+    assert explicit.counts() == data.counts
+    if data.dataset not in ("karpathy", "csv"):
+        searched = load_annotations(data.dataset, data.data_root)
+        assert searched.counts() == data.counts and searched.image_root == data.image_root
+    for split, filenames in data.filenames.items():
+        loaded = check_images(explicit.split(split), decode=True)
+        assert loaded.image_paths == [data.image_root / f for f in filenames]
+        assert loaded.num_captions == data.counts[split][1]
+    if layout == "rsitmd":
+        assert "val" not in data.counts
+    sizes = {load_image(p).size for split in data.counts for p in explicit.split(split).image_paths}
+    assert len(sizes) == 3
+
+
+def test_synthetic_dataset_is_seeded(tmp_path):
+    first = write_synthetic_dataset(tmp_path / "a", "karpathy", num_images=6, seed=3)
+    again = write_synthetic_dataset(tmp_path / "b", "karpathy", num_images=6, seed=3)
+    other = write_synthetic_dataset(tmp_path / "c", "karpathy", num_images=6, seed=4)
+    assert first.annotations.read_bytes() == again.annotations.read_bytes()
+    assert first.annotations.read_bytes() != other.annotations.read_bytes()
+    name = first.filenames["train"][0]
+    assert (first.image_root / name).read_bytes() == (again.image_root / name).read_bytes()
