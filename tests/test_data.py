@@ -254,7 +254,9 @@ def test_images_load_and_transform(synthetic_dataset):
 
 
 @needs_mini
-@pytest.mark.parametrize("folder, count, size", [("ucm", 9, (256, 256)), ("sydney", 9, (500, 500)), ("rsicd", 22, None)])
+@pytest.mark.parametrize(
+    "folder, count, size", [("ucm", 9, (256, 256)), ("sydney", 9, (500, 500)), ("rsicd", 22, None)]
+)
 def test_real_images_decode(folder, count, size):
     annotations = load_annotations("karpathy", annotations=MINI / folder / "dataset.json")
     split = check_images(annotations.split("train"), decode=True)
