@@ -3,7 +3,9 @@
 import collections
 import csv
 import json
+import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -15,6 +17,7 @@ from PIL import Image
 from synthetic_data import LAYOUTS, synthetic_image, write_synthetic_dataset
 
 from msa.data import (
+    DEFAULT_VAL_FRACTION,
     AnnotationError,
     CaptionPairDataset,
     EpochSampler,
@@ -479,3 +482,205 @@ def test_header_check_and_full_decode_name_bad_files(tmp_path):
     assert list(decoded) == [tmp_path / "truncated.jpg", tmp_path / "text.png", tmp_path / "missing.tif"]
     assert "truncated" in decoded[tmp_path / "truncated.jpg"]
     assert image_decode_problem(good) is None and image_header_problem(good) is None
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    if isinstance(content, str):
+        content = content.encode()
+    path.write_bytes(content)
+    return path
+
+
+KARPATHY_OK = json.dumps({"images": [_record("a.jpg", "train", ["one"]), _record("b.jpg", "test", ["two"])]})
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("dataset.json", b"", "dataset.json: empty file"),
+        ("dataset.json", b"  \n", "dataset.json: empty file"),
+        ("dataset.json", KARPATHY_OK[:50], "dataset.json: invalid JSON at line 1 column"),
+        ("dataset.json", KARPATHY_OK.replace("one", "caf\xe9").encode("latin-1"), "dataset.json: not UTF-8 text"),
+        ("dataset.json", KARPATHY_OK.encode("utf-16"), "dataset.json: not UTF-8 text"),
+        ("dataset.json", json.dumps([1, 2]), "not a Karpathy-style JSON"),
+        (
+            "dataset.json",
+            json.dumps(
+                {"images": [_record("a.jpg", "train", ["x"]), {**_record("b.jpg", "test", []), "sentences": "b"}]}
+            ),
+            r"image record 1 \(b.jpg\): 'sentences' must be a list of sentence objects, got str",
+        ),
+        (
+            "dataset.json",
+            json.dumps({"images": [{**_record("a.jpg", "test", []), "sentences": None}]}),
+            r"image record 0 \(a.jpg\): 'sentences' must be a list of sentence objects, got null",
+        ),
+        (
+            "dataset.json",
+            json.dumps({"images": [{"filename": "a.jpg", "sentences": ["a plane"]}]}),
+            r"image record 0 \(a.jpg\): sentence 0 must be an object, got str",
+        ),
+        (
+            "dataset.json",
+            json.dumps({"images": [{"filename": "a.jpg", "sentences": [{"raw": 7}]}]}),
+            r"image record 0 \(a.jpg\): sentence 0: 'raw' must be a string, got int",
+        ),
+        (
+            "dataset.json",
+            json.dumps({"images": [{"filename": 12, "sentences": [{"raw": "x"}]}]}),
+            "image record 0: 'filename' must be a non-empty string, got 12",
+        ),
+        (
+            "dataset.json",
+            json.dumps({"images": [{"filename": "a.jpg"}]}),
+            r"image record 0 \(a.jpg\): no 'sentences'",
+        ),
+        (
+            "dataset_nwpu.json",
+            json.dumps({"beach": [{"filename": "b.jpg", "raw": "sand", "raw_1": ["sea"]}]}),
+            r"category 'beach' record 0 \(b.jpg\): 'raw_1' must be a string, got list",
+        ),
+        ("dataset_nwpu.json", json.dumps({"beach": {"filename": "b.jpg"}}), "category 'beach' must hold a list"),
+        ("captions.csv", "filename,title\na.jpg,one\n,two\n", "captions.csv: line 3: a row needs a filename"),
+        ("captions.csv", "filename,title\na.jpg,caf\xe9\n".encode("latin-1"), "captions.csv: not UTF-8 text"),
+        ("captions.csv", b"", "captions.csv: empty file"),
+    ],
+)
+def test_bad_annotation_files_are_named_in_one_line(tmp_path, name, content, message):
+    path = _write(tmp_path / name, content)
+    dataset = {"dataset.json": "karpathy", "dataset_nwpu.json": "nwpu", "captions.csv": "csv"}[name]
+    with pytest.raises(AnnotationError, match=message) as caught:
+        load_annotations(dataset, annotations=path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = _write(tmp_path / "dataset.json", b"\xef\xbb\xbf" + KARPATHY_OK.encode())
+    assert load_annotations("karpathy", annotations=path).counts() == {"train": (1, 1), "test": (1, 1)}
+    csv_path = _write(tmp_path / "captions_val.csv", b"\xef\xbb\xbffilename,title\na.jpg,one\na.jpg,two\n")
+    assert load_annotations("csv", annotations=csv_path).counts() == {"val": (1, 2)}
+
+
+def test_json_format_is_told_by_structure_not_by_its_first_64_kib(tmp_path):
+    # A Karpathy file whose "images" key comes after a long header field.
+    records = [_record("a.jpg", "train", ["one"]), _record("b.jpg", "test", ["two"])]
+    data = {"info": "x" * 70_000, "licenses": ["images are CC-BY"], "images": records}
+    path = _write(tmp_path / "dataset_rsicd.json", json.dumps(data))
+    assert '"images"' not in path.read_text()[:65536]
+    for dataset in ("karpathy", "rsicd", "nwpu"):
+        assert load_annotations(dataset, annotations=path).counts() == {"train": (1, 1), "test": (1, 1)}
+    assert load_annotations("rsicd", tmp_path).counts() == {"train": (1, 1), "test": (1, 1)}
+    nwpu = _write(tmp_path / "dataset_nwpu.json", json.dumps({"beach": [{"filename": "b.jpg", "raw": "sand"}]}))
+    assert load_annotations("nwpu", annotations=nwpu).counts() == {"train": (1, 1)}
+    with pytest.raises(AnnotationError, match="dataset_nwpu.json: not a Karpathy-style JSON"):
+        load_annotations("karpathy", annotations=nwpu)
+
+
+@pytest.mark.parametrize("split", ["Test", None, "validation", 3])
+def test_unknown_split_name_is_an_error_listing_the_known_ones(tmp_path, split):
+    records = [_record("a.jpg", "train", ["one"]), _record("b.jpg", split, ["two"])]
+    path = _karpathy(tmp_path, records)
+    with pytest.raises(
+        AnnotationError, match=r"image record 1 \(b.jpg\): unknown split .*known splits: train, val, test"
+    ):
+        load_annotations("karpathy", annotations=path)
+    nwpu = _write(tmp_path / "n.json", json.dumps({"beach": [{"filename": "b.jpg", "split": split, "raw": "sand"}]}))
+    with pytest.raises(AnnotationError, match=r"category 'beach' record 0 \(b.jpg\): unknown split"):
+        load_annotations("nwpu", annotations=nwpu)
+
+
+def test_csv_split_must_be_known(tmp_path):
+    path = _write(tmp_path / "captions.csv", "filename,title\na.jpg,one\n")
+    with pytest.raises(AnnotationError, match="captions.csv: the CSV's split: unknown split 'Test'"):
+        load_annotations("csv", annotations=path, csv_split="Test")
+
+
+def test_repeated_images_and_images_in_several_splits_are_warned_with_counts(tmp_path, caplog):
+    records = [
+        _record("a.jpg", "train", ["a"]),
+        _record("b.jpg", "train", ["b"]),
+        _record("c.jpg", "test", ["c"]),
+        _record("c.jpg", "test", ["c again"]),
+        _record("c.jpg", "test", ["c thrice"]),
+        _record("d.jpg", "test", ["d"]),
+        _record("d.jpg", "test", ["d again"]),
+        _record("a.jpg", "test", ["a in test"]),
+        _record("b.jpg", "val", ["b in val"]),
+    ]
+    with caplog.at_level(logging.WARNING, logger="msa.data"):
+        annotations = load_annotations("karpathy", annotations=_karpathy(tmp_path, records))
+    assert annotations.repeated_within_splits() == {"test": {"c.jpg": 3, "d.jpg": 2}}
+    assert annotations.images_in_several_splits() == {"a.jpg": ["train", "test"], "b.jpg": ["train", "val"]}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("3 repeated image listing(s) within a split {'test': 3}" in m for m in messages), messages
+    assert any("2 image(s) listed in several splits {'train+test': 1, 'train+val': 1}" in m for m in messages)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="msa.data"):
+        load_annotations("karpathy", annotations=_karpathy(tmp_path, records[:3], "clean.json"))
+    assert not caplog.records
+
+
+def test_leakage_reports_images_repeated_within_a_split(tmp_path, capsys):
+    from msa.cli import main
+
+    for index, name in enumerate(["a.png", "b.png", "c.png"]):
+        synthetic_image(index)[0].save(tmp_path / name)
+    shutil.copy(tmp_path / "b.png", tmp_path / "b_copy.png")
+    records = [
+        _record("a.png", "train", ["a"]),
+        _record("a.png", "train", ["a listed twice"]),
+        _record("b.png", "test", ["b"]),
+        _record("b_copy.png", "test", ["b under another name"]),
+        _record("c.png", "test", ["c"]),
+    ]
+    path = _karpathy(tmp_path, records)
+    report = find_shared_images(load_annotations("karpathy", annotations=path))
+    assert report.counts == {("test", "train"): 0}
+    assert report.repeated == {("toy", "train"): [["a.png", "a.png"]], ("toy", "test"): [["b.png", "b_copy.png"]]}
+    assert report.repeated_counts() == {("toy", "train"): 1, ("toy", "test"): 1}
+    assert main(["leakage", "--dataset", "karpathy", "--annotations", str(path), "--no-progress", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "| toy | test | 1 |" in out and "| toy | train | 1 |" in out
+    assert "repeated in toy test:\tb.png\tb_copy.png" in out
+
+
+def test_msa_data_stats_carves_val_as_training_does(synthetic_dataset, capsys):
+    from msa.cli import main
+    from msa.train import TrainConfig
+
+    assert TrainConfig().val_fraction == DEFAULT_VAL_FRACTION
+    data = synthetic_dataset("rsitmd", num_images=30)  # train 24 / test 6, no val
+    assert main(["stats", "--dataset", "rsitmd", "--data-root", str(data.data_root)]) == 0
+    out = capsys.readouterr().out
+    carved = round(DEFAULT_VAL_FRACTION * 24)
+    assert f"| train | {24 - carved} |" in out and f"| val | {carved} |" in out and "val carved out" in out
+    assert main(["stats", "--dataset", "rsitmd", "--data-root", str(data.data_root), "--val-fraction", "0"]) == 0
+    assert "| train | 24 | 120 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["stats", "--dataset", "rsicd", "--data-root", "{missing}"], "rsicd: no annotation file in"),
+        (["stats", "--dataset", "karpathy", "--annotations", "{bad}"], "bad.json: invalid JSON at line"),
+        (["stats", "--dataset", "coco", "--data-root", "{root}"], "unknown dataset 'coco'"),
+        (["stats", "--dataset", "karpathy", "--annotations", "{tiny}"], "too few to carve a val split"),
+        (
+            ["leakage", "--dataset", "rsicd", "--data-root", "{root}", "--splits", "Test"],
+            r"--splits: no split \['Test'\]",
+        ),
+        (["stats", "--dataset", "karpathy", "--annotations", "{root}"], "Is a directory"),
+    ],
+)
+def test_msa_data_user_errors_print_one_line_and_exit_2(tmp_path, capsys, synthetic_dataset, arguments, message):
+    from msa.cli import main
+
+    bad = _write(tmp_path / "bad.json", KARPATHY_OK[:40])
+    tiny = _karpathy(tmp_path, [_record("a.jpg", "train", ["a"]), _record("b.jpg", "test", ["b"])], "tiny.json")
+    places = {"missing": tmp_path / "nowhere", "bad": bad, "tiny": tiny, "root": synthetic_dataset("rsicd").data_root}
+    argv = [a.format(**places) for a in arguments]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msa-data: error: ") and err.count("\n") == 1 and re.search(message, err), err
+    with pytest.raises((AnnotationError, OSError, ValueError, KeyError), match=message):
+        main([*argv, "--debug"])

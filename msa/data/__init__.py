@@ -3,6 +3,8 @@ noisy-correspondence protocol, the image loader and checks, and the leakage chec
 
 from msa.data.annotations import (
     DATASET_LAYOUTS,
+    DEFAULT_VAL_FRACTION,
+    SPLITS,
     AnnotationError,
     Annotations,
     ImageRecord,
@@ -37,6 +39,7 @@ from msa.data.leakage import LeakageReport, file_sha256, find_shared_images
 __all__ = [
     "AUGMENTATIONS",
     "DATASET_LAYOUTS",
+    "DEFAULT_VAL_FRACTION",
     "AnnotationError",
     "Annotations",
     "CaptionPairDataset",
@@ -46,6 +49,7 @@ __all__ = [
     "ImageRecord",
     "LeakageReport",
     "RetrievalSplit",
+    "SPLITS",
     "add_caption_noise",
     "build_augmentation",
     "carve_val",
