@@ -684,3 +684,11 @@ def test_msa_data_user_errors_print_one_line_and_exit_2(tmp_path, capsys, synthe
     assert err.startswith("msa-data: error: ") and err.count("\n") == 1 and re.search(message, err), err
     with pytest.raises((AnnotationError, OSError, ValueError, KeyError), match=message):
         main([*argv, "--debug"])
+
+
+def test_records_without_a_split_are_train_with_a_warning(tmp_path, caplog):
+    records = [{"filename": "a.jpg", "sentences": [{"raw": "one"}]}, _record("b.jpg", "test", ["two"])]
+    with caplog.at_level(logging.WARNING, logger="msa.data"):
+        annotations = load_annotations("karpathy", annotations=_karpathy(tmp_path, records))
+    assert annotations.counts() == {"train": (1, 1), "test": (1, 1)}
+    assert any("1 image record(s) without a 'split' field, read as train" in r.getMessage() for r in caplog.records)

@@ -183,6 +183,11 @@ def _check_split(split: object, where: str) -> str:
     return split  # type: ignore[return-value]
 
 
+def _warn_without_split(path: Path, count: int) -> None:
+    if count:
+        logger.warning("%s: %d image record(s) without a 'split' field, read as train", path, count)
+
+
 def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -234,6 +239,7 @@ def _parse_karpathy(data: object, path: Path, skip_bad: bool) -> tuple[list[Imag
         raise AnnotationError(f"{path}: not a Karpathy-style JSON (expected a dict with an 'images' list)")
     images: list[ImageRecord] = []
     skipped: dict[str, int] = {}
+    without_split = 0
     for position, record in enumerate(data["images"]):
         where = f"{path}: image record {position}"
         if not isinstance(record, dict):
@@ -241,6 +247,7 @@ def _parse_karpathy(data: object, path: Path, skip_bad: bool) -> tuple[list[Imag
         filename = _record_filename(record, where)
         where = f"{where} ({filename})"
         split = _check_split(record.get("split", "train"), where)
+        without_split += "split" not in record
         if "sentences" not in record:
             raise AnnotationError(f"{where}: no 'sentences'")
         captions = _karpathy_captions(record["sentences"], where)
@@ -248,6 +255,7 @@ def _parse_karpathy(data: object, path: Path, skip_bad: bool) -> tuple[list[Imag
             filename = f"{record['filepath']}/{filename}"
         label = record.get("label")
         _add_record(images, skipped, filename, split, captions, skip_bad, None if label is None else str(label))
+    _warn_without_split(path, without_split)
     return images, skipped
 
 
@@ -291,6 +299,7 @@ def _parse_nwpu(data: object, path: Path, skip_bad: bool) -> tuple[list[ImageRec
         raise AnnotationError(f"{path}: not an NWPU-Captions JSON (expected a dict keyed by category)")
     images: list[ImageRecord] = []
     skipped: dict[str, int] = {}
+    without_split = 0
     for category, records in data.items():
         if not isinstance(records, list):
             got = _type_name(records)
@@ -308,7 +317,9 @@ def _parse_nwpu(data: object, path: Path, skip_bad: bool) -> tuple[list[ImageRec
                     raise AnnotationError(f"{where}: {key!r} must be a string, got {_type_name(record[key])}")
             captions = [_clean_caption(record[k]) for k in raw_keys]
             split = _check_split(record.get("split", "train"), where)
+            without_split += "split" not in record
             _add_record(images, skipped, f"{category}/{filename}", split, captions, skip_bad, category)
+    _warn_without_split(path, without_split)
     return images, skipped
 
 

@@ -63,7 +63,7 @@ def _stretch_to_8bit(values: np.ndarray) -> Image.Image:
 def _reduction_factor(size: tuple[int, int], limit: int | None) -> int:
     """The smallest integer factor that brings ``size`` under ``limit`` pixels (1 when it already is)."""
     pixels = size[0] * size[1]
-    if limit is None or pixels <= limit:
+    if not limit or pixels <= limit:
         return 1
     factor = math.isqrt(pixels // limit)
     while math.ceil(size[0] / factor) * math.ceil(size[1] / factor) > limit:
