@@ -692,3 +692,21 @@ def test_records_without_a_split_are_train_with_a_warning(tmp_path, caplog):
         annotations = load_annotations("karpathy", annotations=_karpathy(tmp_path, records))
     assert annotations.counts() == {"train": (1, 1), "test": (1, 1)}
     assert any("1 image record(s) without a 'split' field, read as train" in r.getMessage() for r in caplog.records)
+
+
+def test_images_without_captions_error_or_are_counted(tmp_path):
+    records = [
+        _record("a.jpg", "test", ["one"]),
+        _record("b.jpg", "test", []),
+        _record("c.jpg", "test", ["", "  "]),
+        _record("d.jpg", "train", ["four"]),
+    ]
+    path = _karpathy(tmp_path, records)
+    strict = load_annotations("karpathy", annotations=path)
+    with pytest.raises(AnnotationError, match=r"2 image\(s\) of split 'test' have an empty caption or none.*b.jpg"):
+        strict.split("test")
+    assert strict.split("train").captions == ["four"]
+    lenient = load_annotations("karpathy", annotations=path, skip_bad=True)
+    assert lenient.skipped == {"empty_caption": 2, "image_without_caption": 2}
+    test = lenient.split("test")
+    assert [p.name for p in test.image_paths] == ["a.jpg"] and test.text_to_image == [0]

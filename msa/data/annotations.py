@@ -46,7 +46,7 @@ class ImageRecord:
     split: str
     captions: list[str]
     label: str | None = None
-    empty_captions: int = 0  # empty sentences found (and not skipped): using this image's split raises
+    empty_captions: int = 0  # empty sentences found (and not skipped): using this image's split raises, as without any
 
 
 @dataclass
@@ -122,15 +122,17 @@ class Annotations:
 
         Raises:
             KeyError: the split does not exist (the message lists the ones that do).
-            AnnotationError: the split holds empty captions (loaded without ``skip_bad``); names the images.
+            AnnotationError: the split holds empty captions or an image without any (loaded without ``skip_bad``);
+                names the images.
         """
         records = [r for r in self.images if r.split == split]
         if not records:
             raise KeyError(f"{self.name}: no split {split!r} in {self.source}; splits present: {self.split_names()}")
-        empty = [r.filename for r in records if r.empty_captions]
+        # An image without captions would silently leave image-to-text ranking and stay a text-to-image distractor.
+        empty = [r.filename for r in records if r.empty_captions or not r.captions]
         if empty:
             raise AnnotationError(
-                f"{self.source}: {len(empty)} image(s) of split {split!r} have an empty caption: {empty[:5]} "
+                f"{self.source}: {len(empty)} image(s) of split {split!r} have an empty caption or none: {empty[:5]} "
                 "(pass skip_bad / --skip-bad to skip and count them)"
             )
         captions: list[str] = []
@@ -206,6 +208,9 @@ def _add_record(
     if empty and skip_bad:
         skipped["empty_caption"] = skipped.get("empty_caption", 0) + empty
         empty = 0
+    if not kept and skip_bad:
+        skipped["image_without_caption"] = skipped.get("image_without_caption", 0) + 1
+        return
     # Without skip_bad the error is raised when the split is used (Annotations.split), so that an empty caption in
     # train does not prevent evaluating on test.
     images.append(ImageRecord(filename=filename, split=split, captions=kept, label=label, empty_captions=empty))
