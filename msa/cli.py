@@ -93,7 +93,10 @@ def _stats(args: argparse.Namespace) -> None:
     annotations = _load(args)
     carved = args.val_fraction > 0 and "val" not in annotations.split_names()
     if carved:
-        annotations = carve_val(annotations, args.val_fraction, args.val_seed)
+        try:
+            annotations = carve_val(annotations, args.val_fraction, args.val_seed)
+        except ValueError as error:
+            raise ValueError(f"{error} (--val-fraction {args.val_fraction}; 0 for no carve-out)") from error
     print(f"| {annotations.name} split | images | captions |\n|---|---:|---:|")
     for split, (images, captions) in annotations.counts().items():
         print(f"| {split} | {images} | {captions} |")
