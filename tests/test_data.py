@@ -216,12 +216,9 @@ def test_carve_out_on_rsitmd_as_distributed():
     assert counts["test"] == (452, 2260)
 
 
-@needs_captions
-@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6, 0.8])
-def test_noise_protocol_counts(ratio):
-    train = load_annotations("rsitmd", annotations=CAPTIONS / "dataset_rsitmd.json").split("train")
+def _check_noise_protocol(train, ratio):
     noisy, drawn = add_caption_noise(train, ratio, seed=0)
-    assert sum(drawn) == round(ratio * 17160)
+    assert sum(drawn) == round(ratio * train.num_captions)
     assert noisy.text_to_image == train.text_to_image and noisy.image_paths == train.image_paths
     # Rows not drawn are untouched; the drawn rows' captions are a permutation of their original captions.
     assert all(n == c for n, c, d in zip(noisy.captions, train.captions, drawn) if not d)
@@ -233,6 +230,22 @@ def test_noise_protocol_counts(ratio):
     again, drawn_again = add_caption_noise(train, ratio, seed=0)
     assert again.captions == noisy.captions and drawn_again == drawn
     assert add_caption_noise(train, ratio, seed=1)[0].captions != noisy.captions
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6, 0.8])
+def test_noise_protocol_counts(synthetic_dataset, ratio):
+    data = synthetic_dataset("rsitmd", num_images=100)
+    train = load_annotations("rsitmd", data.data_root).split("train")
+    assert train.num_captions == 400  # train 80 images, test 20
+    _check_noise_protocol(train, ratio)
+
+
+@needs_captions
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6, 0.8])
+def test_noise_protocol_counts_on_rsitmd(ratio):
+    train = load_annotations("rsitmd", annotations=CAPTIONS / "dataset_rsitmd.json").split("train")
+    assert train.num_captions == 17160
+    _check_noise_protocol(train, ratio)
 
 
 def test_images_load_and_transform(synthetic_dataset):
