@@ -285,7 +285,12 @@ def load_karpathy_json(
             the file and the record.
     """
     path = Path(path)
-    data = _read_json(path)
+    return _karpathy_annotations(_read_json(path), path, image_root, name, skip_bad)
+
+
+def _karpathy_annotations(
+    data: object, path: Path, image_root: str | Path | None, name: str | None, skip_bad: bool
+) -> Annotations:
     images, skipped = _parse_karpathy(data, path, skip_bad)
     dataset_name = data.get("dataset") if isinstance(data, dict) else None
     return _finish(
@@ -339,7 +344,13 @@ def load_nwpu_json(
         AnnotationError: as :func:`load_karpathy_json`.
     """
     path = Path(path)
-    images, skipped = _parse_nwpu(_read_json(path), path, skip_bad)
+    return _nwpu_annotations(_read_json(path), path, image_root, name, skip_bad)
+
+
+def _nwpu_annotations(
+    data: object, path: Path, image_root: str | Path | None, name: str, skip_bad: bool
+) -> Annotations:
+    images, skipped = _parse_nwpu(data, path, skip_bad)
     return _finish(
         Annotations(
             name=name,
@@ -446,14 +457,10 @@ def _load_file(path: Path, image_root: Path | None, name: str | None, split: str
     if path.suffix.lower() == ".csv":
         return load_caption_csv(path, image_root, split=split, name=name, skip_bad=skip_bad)
     data = _read_json(path)
+    # --dataset karpathy (name None) insists on the Karpathy structure, so an NWPU file is named as not being one.
     if (isinstance(data, dict) and "images" in data) or name is None:
-        images, skipped = _parse_karpathy(data, path, skip_bad)
-        default_name = data.get("dataset") if isinstance(data, dict) else None
-        name = name or str(default_name or path.stem)
-    else:
-        images, skipped = _parse_nwpu(data, path, skip_bad)
-    root = image_root if image_root is not None else path.parent
-    return _finish(Annotations(name=name, image_root=root, images=images, source=path, skipped=skipped))
+        return _karpathy_annotations(data, path, image_root, name, skip_bad)
+    return _nwpu_annotations(data, path, image_root, name, skip_bad)
 
 
 def load_annotations(
