@@ -723,3 +723,24 @@ def test_images_without_captions_error_or_are_counted(tmp_path):
     assert lenient.skipped == {"empty_caption": 2, "image_without_caption": 2}
     test = lenient.split("test")
     assert [p.name for p in test.image_paths] == ["a.jpg"] and test.text_to_image == [0]
+
+
+def test_msa_data_check_lists_unreadable_images(tmp_path, capsys, synthetic_dataset):
+    from msa.cli import main
+
+    data = synthetic_dataset("rsicd")
+    assert main(["check", "--dataset", "rsicd", "--data-root", str(data.data_root), "--no-progress"]) == 0
+    assert "| test | 2 | 0 |" in capsys.readouterr().out
+    root = tmp_path / "rsicd"
+    shutil.copytree(data.data_root, root)
+    truncated, removed = data.filenames["test"][0], data.filenames["train"][3]
+    image = root / "RSICD_images" / truncated
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # header intact, pixels cut
+    (root / "RSICD_images" / removed).unlink()
+    argv = ["check", "--dataset", "rsicd", "--data-root", str(root), "--no-progress"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "| train | 6 | 1 |" in out and f"{removed}\tmissing file" in out and truncated not in out
+    assert main([*argv, "--decode", "--splits", "test"]) == 1
+    out = capsys.readouterr().out
+    assert "| test | 2 | 1 |" in out and truncated in out and "train" not in out
