@@ -38,14 +38,14 @@ from msa.data import (
 )
 
 # Real data is an extra layer on top of the synthetic datasets: the repository's sibling folder shared/data, or
-# MSA_REAL_DATA.
-DATA = Path(os.environ.get("MSA_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+# MSA_SHARED_DATA.
+DATA = Path(os.environ.get("MSA_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 CAPTIONS = DATA / "rs_captions"
 MINI = DATA / "rs_mini"
 needs_captions = pytest.mark.skipif(
-    not CAPTIONS.is_dir(), reason="real caption annotations (rs_captions) not available; set MSA_REAL_DATA"
+    not CAPTIONS.is_dir(), reason="real caption annotations (rs_captions) not available; set MSA_SHARED_DATA"
 )
-needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="real images (rs_mini) not available; set MSA_REAL_DATA")
+needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="real images (rs_mini) not available; set MSA_SHARED_DATA")
 
 
 @needs_captions
