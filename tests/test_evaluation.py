@@ -1,7 +1,9 @@
 """The retrieval protocol against hand-computed cases (ties, 1 and 7 captions per image, chunking)."""
 
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,6 +118,21 @@ def test_input_checks():
         retrieval_metrics(torch.tensor([[float("nan"), 0.0]]), [0, 0])
 
 
+def test_numpy_inputs_give_the_same_metrics():
+    generator = torch.Generator().manual_seed(3)
+    similarity = torch.randint(0, 4, (6, 14), generator=generator).float()
+    owner = torch.arange(14) % 6
+    expected = retrieval_metrics(similarity, owner)
+    assert retrieval_metrics(similarity.numpy(), owner.numpy()) == expected
+    assert retrieval_metrics(similarity.double().numpy(), owner.tolist()) == expected
+    # Reversed (negative-stride) views, as numpy slicing gives them; reordering the texts changes nothing.
+    assert retrieval_metrics(similarity.numpy()[:, ::-1], owner.numpy()[::-1]) == expected
+    i2t, t2i = retrieval_ranks(similarity.numpy(), owner.numpy())
+    assert isinstance(i2t, torch.Tensor) and t2i.shape == (14,)
+    with pytest.raises(ValueError, match="similarity must be"):
+        retrieval_metrics(np.zeros(3), [0, 1, 2])
+
+
 def test_metrics_table_lists_every_key():
     metrics = retrieval_metrics(torch.eye(3), [0, 1, 2])
     assert metrics["mR"] == 100.0
@@ -124,10 +141,10 @@ def test_metrics_table_lists_every_key():
     assert "| global | 100.00" in table and "1.00 ± 0.50" in table
 
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "rs_mini"
+MINI = Path(os.environ.get("MSA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "rs_mini"
 
 
-@pytest.mark.skipif(not MINI.is_dir(), reason=f"rs_mini images not found at {MINI}")
+@pytest.mark.skipif(not MINI.is_dir(), reason="real rs_mini images not present (shared data folder, MSA_SHARED_DATA)")
 def test_evaluate_model_scoring_modes_on_real_images():
     from msa.data import load_annotations
     from msa.evaluation import encode_split, evaluate_model
