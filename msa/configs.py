@@ -120,6 +120,8 @@ class MSAConfig:
         for name in ("image_size", "num_scales", "embed_dim", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MSAConfig field {name!r} must be positive, got {getattr(self, name)}")
+        if self.text_config is not None and not isinstance(self.text_config.get("model_type"), str):
+            raise ValueError("MSAConfig field 'text_config' needs a 'model_type' string (e.g. 'bert')")
         if not self.logit_scale_init > 0:
             raise ValueError(f"MSAConfig field 'logit_scale_init' must be positive, got {self.logit_scale_init}")
         if self.preset not in PRESETS:

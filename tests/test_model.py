@@ -349,6 +349,8 @@ def test_config_values_are_checked():
     for field, value in (("image_size", 0), ("num_heads", -1), ("logit_scale_init", 0.0)):
         with pytest.raises(ValueError, match=f"'{field}' must be positive"):
             get_config("msa-tiny", **{field: value})
+    with pytest.raises(ValueError, match="'text_config' needs a 'model_type'"):
+        get_config("msa-tiny", text_config={"hidden_size": 64})
     with pytest.raises(ValueError, match="'out_indices' must be list"):
         get_config("msa-tiny", out_indices=3)
     assert get_config("msa-tiny", out_indices=(1, 2)).pooling == ["max", "avg"]
