@@ -21,7 +21,7 @@ from torch import nn
 
 from msa.configs import MSAConfig, get_config, list_models
 from msa.encoders import ImageEncoder, TextEncoder, load_tokenizer
-from msa.mscmat import MSCMAT
+from msa.mscmat import MSCMAT, check_backend_name
 from msa.outputs import ImageFeatures, MSAOutput, TextFeatures
 
 __all__ = ["ImageFeatures", "MSAModel", "MSAOutput", "TextFeatures", "create_model", "list_models"]
@@ -48,6 +48,7 @@ class MSAModel(nn.Module):
 
     def __init__(self, config: MSAConfig, tokenizer: Any = None, backend: str = "auto"):
         super().__init__()
+        check_backend_name(backend)  # before the (slow) encoders are built
         self.config = config
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = TextEncoder(config)
@@ -229,6 +230,7 @@ class MSAModel(nn.Module):
                 backend is unknown, or the weights do not fit the config; the message names the file (and the field
                 or the keys).
         """
+        check_backend_name(backend)
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():

@@ -91,6 +91,14 @@ class ScaleAlignment(nn.Module):
         return core + image_bias[:, None] + readout_weights @ text_global.T
 
 
+def check_backend_name(name: str) -> str:
+    """``name`` if it is an ``mscmat_scores`` backend; checked when a model is built or loaded, not at its first
+    forward. Whether the backend can run on the tensors' device is decided by the op itself."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown mscmat_scores backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
 class MSCMAT(nn.Module):
     """All scales of MSCMAT with the two LayerNorms they share.
 
@@ -120,10 +128,7 @@ class MSCMAT(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        # Checked here, when a model is built or loaded, rather than at the first forward.
-        if name not in BACKENDS:
-            raise ValueError(f"unknown mscmat_scores backend {name!r}; expected one of {BACKENDS}")
-        self._backend = name
+        self._backend = check_backend_name(name)
 
     def forward(
         self,
