@@ -27,6 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from msa.outputs import ImageFeatures, TextFeatures
+
+Features = ImageFeatures | TextFeatures
+
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
 
 
@@ -163,7 +167,7 @@ def metrics_table(rows: dict[str, dict[str, float]], title: str = "scoring") -> 
 SCORING_MODES = ("global", "mscmat", "fusion", "scales")
 
 
-def _concat_features(parts: list[Any]) -> Any:
+def _concat_features(parts: list[Features]) -> Features:
     """Concatenate a list of ImageFeatures or TextFeatures along the batch dimension."""
     first = parts[0]
     values = {}
@@ -187,7 +191,7 @@ def encode_split(
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable | None = None,
-) -> tuple[Any, Any]:
+) -> tuple[ImageFeatures, TextFeatures]:
     """Encode every image (once) and every caption of a :class:`~msa.data.RetrievalSplit`.
 
     Args:
@@ -225,7 +229,7 @@ def encode_split(
     return _concat_features(image_parts), _concat_features(text_parts)
 
 
-def _to_float(features: Any) -> Any:
+def _to_float(features: Features) -> Features:
     values = {}
     for name in (f.name for f in dataclasses.fields(features)):
         value = getattr(features, name)
