@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
+# The one list of preset names: the model config, the loss settings and the training options all take these.
 PRESETS = ("paper", "improved")
 POOLINGS = ("max", "avg")
 POOL_MODES = ("adaptive", "fixed")
@@ -60,8 +66,9 @@ class MSAConfig:
         out_indices: which ``feature_info`` levels form the scales (None: the last ``num_scales``).
         num_scales: number of scales when ``out_indices`` is None (published: 4, ResNet stages 1-4).
         pooling: one global pool per scale, "max" or "avg", smallest scale first (published: max, max, max, avg).
-        pool_mode: "adaptive" pools any feature-map size; "fixed" reproduces the published fixed-kernel pools, which
-            only reduce to 1x1 at exactly ``image_size``, so other sizes are rejected.
+        pool_mode: "adaptive" pools the whole map, of any size; "fixed" is the published pooling, a fixed kernel of
+            ``image_size // stride`` pixels per scale (one window from the top-left corner: the whole map when
+            ``image_size`` is a multiple of the stride), and needs images of exactly ``image_size``.
 
     Text side:
         text_model: transformers model name or local path (published: bert-base-uncased), or an alias of
@@ -76,11 +83,14 @@ class MSAConfig:
     Alignment:
         embed_dim: D, the joint width (published 768). A text model of another width gets a linear projection.
         num_heads: MSCMAT heads (published 12).
-        backend: ``msa.ops.mscmat_scores`` backend.
-        preset: "paper" (the published numerics) or "improved".
+        preset: "paper" (the published numerics) or "improved" (one of :data:`PRESETS`).
         mask_padding: MSCMAT ignores [SEP] and padding (None: the preset decides; improved: True).
-        learnable_logit_scale: a learnable temperature on the score matrices (None: preset; improved: True).
+        learnable_logit_scale: a learnable temperature on the score matrices (None: preset; improved: True). The
+            one switch for it: the model then puts it in :class:`~msa.outputs.MSAOutput` and the loss applies it.
         logit_scale_init: its initial value, as a multiplier (exp of the stored parameter).
+
+    The ``msa.ops.mscmat_scores`` backend is not part of the config: it depends on the machine, not on the model, and
+    is chosen when the model is built or loaded (``create_model(..., backend=...)``, ``MSAModel.backend``).
     """
 
     image_backbone: str = "resnet50"
@@ -98,19 +108,26 @@ class MSAConfig:
     text_global_normalized: bool = True
     embed_dim: int = 768
     num_heads: int = 12
-    backend: str = "auto"
     preset: str = "paper"
     mask_padding: bool | None = None
     learnable_logit_scale: bool | None = None
     logit_scale_init: float = 10.0
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
+        if isinstance(self.pooling, str):
+            self.pooling = [self.pooling] * self.scale_count
+        for name in ("image_size", "num_scales", "embed_dim", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MSAConfig field {name!r} must be positive, got {getattr(self, name)}")
+        if self.text_config is not None and not isinstance(self.text_config.get("model_type"), str):
+            raise ValueError("MSAConfig field 'text_config' needs a 'model_type' string (e.g. 'bert')")
+        if not self.logit_scale_init > 0:
+            raise ValueError(f"MSAConfig field 'logit_scale_init' must be positive, got {self.logit_scale_init}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.pool_mode not in POOL_MODES:
             raise ValueError(f"pool_mode must be one of {POOL_MODES}, got {self.pool_mode!r}")
-        if isinstance(self.pooling, str):
-            self.pooling = [self.pooling] * self.scale_count
         self.pooling = list(self.pooling)
         bad = [mode for mode in self.pooling if mode not in POOLINGS]
         if bad:
@@ -142,21 +159,78 @@ class MSAConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MSAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown MSAConfig fields {unknown}; known fields: {sorted(known)}")
+        """The config of a ``to_dict()`` (e.g. a ``config.json``). Unknown fields and values of the wrong type raise
+        ``ValueError`` naming the field; ``backend``, which older versions saved, is ignored (a runtime choice)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"an MSAConfig must be a mapping of field names to values, got {type(values).__name__}")
+        values = dict(values)
+        if RUNTIME_FIELD in values:
+            logger.debug("ignoring the saved %s=%r: it is chosen at load time", RUNTIME_FIELD, values[RUNTIME_FIELD])
+            del values[RUNTIME_FIELD]
+        _check_known_fields(values)
         return cls(**values)
 
     def replace(self, **overrides: Any) -> MSAConfig:
         """A copy with ``overrides`` applied (unknown names raise ``ValueError`` listing the known fields)."""
+        _check_known_fields(overrides)
         values = self.to_dict()
         if "pooling" not in overrides and ("num_scales" in overrides or "out_indices" in overrides):
             # A different number of scales with the published pooling: max everywhere but the deepest scale.
-            count = len(overrides["out_indices"]) if overrides.get("out_indices") else overrides.get("num_scales", 4)
-            values["pooling"] = ["max"] * (count - 1) + ["avg"]
+            indices = overrides.get("out_indices")
+            count = len(indices) if isinstance(indices, (list, tuple)) and indices else overrides.get("num_scales", 4)
+            if isinstance(count, int) and count >= 1:  # otherwise the type/value checks name the bad field
+                values["pooling"] = ["max"] * (count - 1) + ["avg"]
         values.update(overrides)
         return MSAConfig.from_dict(values)
+
+
+# Older versions saved the op backend in config.json; it is now chosen at run time and ignored when read.
+RUNTIME_FIELD = "backend"
+
+
+def _check_known_fields(values: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(MSAConfig)}
+    unknown = sorted(set(values) - known)
+    if RUNTIME_FIELD in unknown:
+        raise ValueError(
+            f"{RUNTIME_FIELD!r} is not an MSAConfig field: the op backend is chosen at run time, "
+            f"create_model(name, {RUNTIME_FIELD}=...) or MSAModel.from_pretrained(path, {RUNTIME_FIELD}=...)"
+        )
+    if unknown:
+        raise ValueError(f"unknown MSAConfig fields {unknown}; known fields: {sorted(known)}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type ``hint`` of an MSAConfig field (bool is not accepted as a number)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, option) for option in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_matches(element, item) for element in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_field_types(config: MSAConfig) -> None:
+    hints = typing.get_type_hints(MSAConfig)
+    for item in dataclasses.fields(MSAConfig):
+        value = getattr(config, item.name)
+        if item.name == "pooling" and isinstance(value, str):
+            continue  # one mode for every scale, expanded by __post_init__
+        if not _matches(value, hints[item.name]):
+            hint = hints[item.name]
+            expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ValueError(f"MSAConfig field {item.name!r} must be {expected}, got {type(value).__name__} {value!r}")
 
 
 # A tiny random BERT with the bert-base-uncased vocabulary (the tokenizer comes from the MiniLM package).

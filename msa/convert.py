@@ -127,6 +127,7 @@ def from_official(
     img_map: StateDict | str | None = None,
     text_model: StateDict | str | None = None,
     config: str | MSAConfig = "msa-resnet50-bert",
+    backend: str = "auto",
     **overrides: Any,
 ) -> Any:
     """Build an :class:`msa.model.MSAModel` in the ``paper`` preset from the published code's state dicts.
@@ -136,8 +137,9 @@ def from_official(
             modules; any subset may be given, the rest keeps the config's initialisation. Each given part must cover
             its modules completely (missing, unexpected and mis-shaped keys raise ``ValueError``).
         config: registry name or :class:`MSAConfig` describing the architecture (published: ``msa-resnet50-bert``).
-        overrides: config fields to change (e.g. ``backend``). ``preset`` is always "paper"; pretrained-weight
-            loading is skipped for the parts that are given.
+        backend: the ``msa.ops.mscmat_scores`` backend of the model.
+        overrides: config fields to change. ``preset`` is always "paper"; pretrained-weight loading is skipped for
+            the parts that are given.
 
     Returns:
         the converted model.
@@ -145,13 +147,12 @@ def from_official(
     from msa.model import MSAModel, state_dict_differences
 
     base = get_config(config) if isinstance(config, str) else config
-    changes: dict[str, Any] = {"preset": "paper", **overrides}
-    changes["preset"] = "paper"
+    changes: dict[str, Any] = {**overrides, "preset": "paper"}
     if img_model is not None:
         changes["image_pretrained"] = False
     if text_model is not None and base.text_config is None:
         changes["text_pretrained"] = False  # architecture from the text model's config, weights from text_model
-    model = MSAModel(base.replace(**changes))
+    model = MSAModel(base.replace(**changes), backend=backend)
     own = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     for part, source in (

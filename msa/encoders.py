@@ -135,7 +135,11 @@ class ImageEncoder(nn.Module):
             list(range(levels)) if config.out_indices is not None else list(range(levels - config.num_scales, levels))
         )
         self.scale_channels: list[int] = [info.channels()[level] for level in self.selected_levels]
-        self.reductions: list[int] = [info.reduction()[level] for level in self.selected_levels]
+        # The published pools are nn.MaxPool2d / nn.AvgPool2d with a fixed kernel, the stage's map size at the
+        # training resolution (ResNet-50 at 224 px: 56, 28, 14, 7), i.e. image_size // the stage's stride.
+        self.fixed_kernels: list[int] = [
+            max(1, config.image_size // info.reduction()[level]) for level in self.selected_levels
+        ]
         # Swin-like backbones return NHWC maps.
         self.channels_last_output = str(getattr(self.backbone, "output_fmt", "NCHW")).upper().endswith("NHWC")
         self.pooling = list(config.pooling)
@@ -156,13 +160,29 @@ class ImageEncoder(nn.Module):
             )
 
     def pool(self, feature_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Global max/avg pool of each [B, C_s, H_s, W_s] map -> list of [B, C_s]."""
+        """Max/avg pool of each [B, C_s, H_s, W_s] map -> list of [B, C_s].
+
+        ``adaptive``: over the whole map. ``fixed``: one window of ``fixed_kernels[s]`` pixels from the top-left
+        corner, as the published fixed-kernel pools; it covers the whole map when ``image_size`` is a multiple of
+        the stage's stride, and leaves the last row/column out when the backbone rounds the map size up (e.g.
+        ResNet at 72 px: 5x5 map, kernel 4).
+        """
         pooled = []
-        for feature_map, mode in zip(feature_maps, self.pooling):
+        for index, (feature_map, mode) in enumerate(zip(feature_maps, self.pooling)):
             if self.channels_last_output:
                 feature_map = feature_map.permute(0, 3, 1, 2)
-            pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
-            pooled.append(pool(feature_map, 1).flatten(1))
+            if self.pool_mode == "adaptive":
+                pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+                pooled.append(pool(feature_map, 1).flatten(1))
+                continue
+            kernel = self.fixed_kernels[index]
+            if min(feature_map.shape[-2:]) < kernel or max(feature_map.shape[-2:]) >= 2 * kernel:
+                raise ValueError(
+                    f"pool_mode='fixed': scale {index} gives a {feature_map.shape[-2]}x{feature_map.shape[-1]} map, "
+                    f"which a {kernel}x{kernel} kernel does not pool to one value; use pool_mode='adaptive'"
+                )
+            pool = F.max_pool2d if mode == "max" else F.avg_pool2d
+            pooled.append(pool(feature_map, kernel).flatten(1))
         return pooled
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

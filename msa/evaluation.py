@@ -24,19 +24,34 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+
+from msa.outputs import ImageFeatures, TextFeatures
+
+Features = ImageFeatures | TextFeatures
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
 
 
+def _as_tensor(values: Any) -> torch.Tensor:
+    """A tensor view of a tensor, numpy array (any strides, e.g. reversed) or sequence."""
+    if isinstance(values, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(values))
+    return torch.as_tensor(values)
+
+
 def retrieval_ranks(
-    similarity: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 256
+    similarity: torch.Tensor | np.ndarray,
+    text_to_image: torch.Tensor | np.ndarray | Sequence[int],
+    chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of every image query and every text query (ties against the query, see the module doc).
 
     Args:
-        similarity: [N_img, N_txt] scores, larger is more similar (any float dtype, any device; no NaN).
-        text_to_image: [N_txt] index of each text's image.
+        similarity: [N_img, N_txt] scores, larger is more similar (a tensor of any float dtype on any device, or a
+            numpy array; no NaN).
+        text_to_image: [N_txt] index of each text's image (tensor, numpy array or sequence).
         chunk_size: image rows processed at a time (temporaries of chunk_size x N_txt bytes; 256 keeps a block of
             NWPU's 15750 texts in cache: 3x faster than 1024 on the CPU of bench_eval.py).
 
@@ -44,12 +59,13 @@ def retrieval_ranks(
         ``(i2t_ranks, t2i_ranks)``: [N_img'] (only images with at least one caption, in index order) and [N_txt],
         int64 on the CPU.
     """
+    similarity = _as_tensor(similarity)
     if similarity.dim() != 2:
         raise ValueError(f"similarity must be [N_img, N_txt], got shape {tuple(similarity.shape)}")
     if not similarity.is_floating_point():
         similarity = similarity.float()
     num_images, num_texts = similarity.shape
-    owner = torch.as_tensor(text_to_image, dtype=torch.long, device=similarity.device)
+    owner = _as_tensor(text_to_image).to(device=similarity.device, dtype=torch.long)
     if owner.shape != (num_texts,):
         raise ValueError(f"text_to_image must have shape ({num_texts},), got {tuple(owner.shape)}")
     if num_texts and (owner.min() < 0 or owner.max() >= num_images):
@@ -94,13 +110,15 @@ def _median_rank(ranks: torch.Tensor) -> float:
 
 
 def retrieval_metrics(
-    similarity: torch.Tensor, text_to_image: torch.Tensor | Sequence[int], chunk_size: int = 256
+    similarity: torch.Tensor | np.ndarray,
+    text_to_image: torch.Tensor | np.ndarray | Sequence[int],
+    chunk_size: int = 256,
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways, mR, median and mean ranks of a similarity matrix.
 
     Args:
-        similarity: [N_img, N_txt] scores, rows images, columns texts.
-        text_to_image: [N_txt] index of each text's image.
+        similarity: [N_img, N_txt] scores, rows images, columns texts (tensor or numpy array).
+        text_to_image: [N_txt] index of each text's image (tensor, numpy array or sequence).
         chunk_size: image rows processed at a time (bounds the temporary memory).
 
     Returns:
@@ -149,7 +167,7 @@ def metrics_table(rows: dict[str, dict[str, float]], title: str = "scoring") -> 
 SCORING_MODES = ("global", "mscmat", "fusion", "scales")
 
 
-def _concat_features(parts: list[Any]) -> Any:
+def _concat_features(parts: list[Features]) -> Features:
     """Concatenate a list of ImageFeatures or TextFeatures along the batch dimension."""
     first = parts[0]
     values = {}
@@ -173,7 +191,7 @@ def encode_split(
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable | None = None,
-) -> tuple[Any, Any]:
+) -> tuple[ImageFeatures, TextFeatures]:
     """Encode every image (once) and every caption of a :class:`~msa.data.RetrievalSplit`.
 
     Args:
@@ -211,7 +229,7 @@ def encode_split(
     return _concat_features(image_parts), _concat_features(text_parts)
 
 
-def _to_float(features: Any) -> Any:
+def _to_float(features: Features) -> Features:
     values = {}
     for name in (f.name for f in dataclasses.fields(features)):
         value = getattr(features, name)
@@ -222,44 +240,6 @@ def _to_float(features: Any) -> Any:
         else:
             values[name] = value
     return type(features)(**values)
-
-
-@torch.no_grad()
-def score_matrices(
-    model: Any,
-    image_features: Any,
-    text_features: Any,
-    modes: Sequence[str] = SCORING_MODES,
-    fusion_weight: float = 1.0,
-    chunk_size: int = 1024,
-) -> dict[str, torch.Tensor]:
-    """Similarity matrices [N_img, N_txt] of the scoring modes.
-
-    Modes: ``global`` (cosine of the global embeddings, the published test-time path), ``mscmat`` (MSCMAT sigmoid
-    scores summed over scales), ``scales`` (one matrix per scale, named ``mscmat_s0`` (smallest scale) ...), and
-    ``fusion`` = ``global + fusion_weight * mscmat``.
-    """
-    unknown = set(modes) - set(SCORING_MODES)
-    if unknown:
-        raise ValueError(f"unknown scoring mode(s) {sorted(unknown)}; choose from {SCORING_MODES}")
-    out: dict[str, torch.Tensor] = {}
-    if "global" in modes or "fusion" in modes:
-        out["global"] = model.similarity(image_features, text_features).float()
-    per_scale: list[torch.Tensor] = []
-    if "scales" in modes or "mscmat" in modes or "fusion" in modes:
-        per_scale = [
-            model.mscmat_similarity(image_features, text_features, scale=s, chunk_size=chunk_size).float()
-            for s in range(len(image_features.scale_features))
-        ]
-        out["mscmat"] = torch.stack(per_scale).sum(0)
-    if "fusion" in modes:
-        out["fusion"] = out["global"] + fusion_weight * out["mscmat"]
-    if "scales" in modes:
-        out.update({f"mscmat_s{s}": matrix for s, matrix in enumerate(per_scale)})
-    for name in ("global", "mscmat"):
-        if name not in modes and name in out:
-            del out[name]
-    return out
 
 
 def evaluate_model(

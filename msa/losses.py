@@ -7,11 +7,18 @@ also be set on its own through the keyword overrides of :func:`msa_loss` (see :c
 ==============================  =====================================  ==============================================
 switch                          paper (published)                      improved
 ==============================  =====================================  ==============================================
-use_logit_scale                 CE/softmax on sigmoid scores in [0,1]   scores x learnable temperature (logit_scale)
 bidirectional_alignment         image -> text only                      mean of image -> text and text -> image
 consistency_kl                  KL(student || teacher), mean over B^2   KL(teacher || student), batchmean (per text)
 mask_false_negatives            off                                     pairs of the same image id are not negatives
 ==============================  =====================================  ==============================================
+
+The learnable temperature is the model's switch, not the loss's (``MSAConfig.learnable_logit_scale``, on in the
+improved preset): when the model has one, ``output.logit_scale`` carries it and the alignment and consistency terms
+multiply the score matrices by it; when it is None (paper) they use the sigmoid scores as published. One switch, so a
+model never holds a temperature that the loss ignores (a parameter without gradient, which DDP rejects).
+
+The loss needs only torch: it reads an :class:`msa.outputs.MSAOutput`, whose module imports neither timm nor
+transformers.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from msa.configs import PRESETS
+from msa.outputs import MSAOutput
+
 CONSISTENCY_KL = ("student_teacher_mean", "teacher_student_batchmean")
 
 
@@ -35,7 +45,6 @@ class LossSettings:
     alignment_weight: float = 15.0
     consistency_weight: float = 10.0
     tau: float = 2.0
-    use_logit_scale: bool = False
     bidirectional_alignment: bool = False
     consistency_kl: str = "student_teacher_mean"
     mask_false_negatives: bool = False
@@ -44,7 +53,6 @@ class LossSettings:
 LOSS_PRESETS = {
     "paper": LossSettings(),
     "improved": LossSettings(
-        use_logit_scale=True,
         bidirectional_alignment=True,
         consistency_kl="teacher_student_batchmean",
         mask_false_negatives=True,
@@ -193,24 +201,29 @@ def consistency_loss(
 
 def resolve_settings(preset: str = "paper", **overrides: Any) -> LossSettings:
     """The :class:`LossSettings` of ``preset`` with ``overrides`` applied."""
-    if preset not in LOSS_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(LOSS_PRESETS)}, got {preset!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     known = {f.name for f in dataclasses.fields(LossSettings)}
     unknown = sorted(set(overrides) - known)
+    if "use_logit_scale" in unknown:
+        raise ValueError(
+            "use_logit_scale is not a loss setting: the loss applies output.logit_scale whenever the model has a "
+            "learnable temperature; switch it with the model config's learnable_logit_scale"
+        )
     if unknown:
         raise ValueError(f"unknown loss settings {unknown}; known: {sorted(known)}")
     return dataclasses.replace(LOSS_PRESETS[preset], **overrides)
 
 
 def msa_loss(
-    output: Any, preset: str = "paper", image_ids: torch.Tensor | Sequence[Any] | None = None, **overrides: Any
+    output: MSAOutput, preset: str = "paper", image_ids: torch.Tensor | Sequence[Any] | None = None, **overrides: Any
 ) -> LossOutput:
     """The MSA training loss of a batch of B matching pairs.
 
     Args:
-        output: an :class:`msa.model.MSAOutput` (image_embeds, text_embeds [B, D], scale_scores list of [B, B],
-            logit_scale).
-        preset: "paper" (published) or "improved".
+        output: an :class:`msa.outputs.MSAOutput` (image_embeds, text_embeds [B, D], scale_scores list of [B, B],
+            logit_scale: the model's temperature, applied to the scores when not None).
+        preset: "paper" (published) or "improved" (:data:`msa.configs.PRESETS`).
         image_ids: [B] ids of the images (tensor or list of hashables); with ``mask_false_negatives`` (improved),
             pairs that show the same image are not used as negatives. Ignored otherwise.
         overrides: any :class:`LossSettings` field, e.g. ``bidirectional_alignment=False``.
@@ -225,7 +238,7 @@ def msa_loss(
     positive_mask = None
     if settings.mask_false_negatives and image_ids is not None:
         positive_mask = same_image_mask(image_ids, size, output.image_embeds.device)
-    logit_scale = output.logit_scale if settings.use_logit_scale else None
+    logit_scale = output.logit_scale
     triplet = triplet_loss(output.image_embeds, output.text_embeds, settings.margin, positive_mask)
     alignment = alignment_loss(output.scale_scores, logit_scale, settings.bidirectional_alignment, positive_mask)
     consistency = consistency_loss(output.scale_scores, settings.tau, settings.consistency_kl, logit_scale)

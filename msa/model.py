@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ from torch import nn
 
 from msa.configs import MSAConfig, get_config, list_models
 from msa.encoders import ImageEncoder, TextEncoder, load_tokenizer
-from msa.mscmat import MSCMAT
+from msa.mscmat import MSCMAT, check_backend_name
+from msa.outputs import ImageFeatures, MSAOutput, TextFeatures
 
 __all__ = ["ImageFeatures", "MSAModel", "MSAOutput", "TextFeatures", "create_model", "list_models"]
 
@@ -30,51 +30,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 LOGIT_SCALE_MAX = 100.0
-
-
-@dataclass
-class ImageFeatures:
-    """What the image side gives: ``embeds`` [B, D] (L2-normalised global embedding) and ``scale_features`` (list of
-    pooled [B, C_s], smallest scale first), the input of MSCMAT."""
-
-    embeds: torch.Tensor
-    scale_features: list[torch.Tensor]
-
-    def __len__(self) -> int:
-        return self.embeds.shape[0]
-
-    def __getitem__(self, index: slice | torch.Tensor) -> ImageFeatures:
-        return ImageFeatures(self.embeds[index], [feature[index] for feature in self.scale_features])
-
-
-@dataclass
-class TextFeatures:
-    """What the text side gives: ``embeds`` [B, D] (L2-normalised global), ``word_tokens`` [B, L, D], ``text_global``
-    [B, D] (added inside MSCMAT) and ``word_mask`` [B, L] (None: attend to every token, as published)."""
-
-    embeds: torch.Tensor
-    word_tokens: torch.Tensor
-    text_global: torch.Tensor
-    word_mask: torch.Tensor | None
-
-    def __len__(self) -> int:
-        return self.embeds.shape[0]
-
-    def __getitem__(self, index: slice | torch.Tensor) -> TextFeatures:
-        mask = None if self.word_mask is None else self.word_mask[index]
-        return TextFeatures(self.embeds[index], self.word_tokens[index], self.text_global[index], mask)
-
-
-@dataclass
-class MSAOutput:
-    """``image_embeds`` [Ni, D], ``text_embeds`` [Nt, D], ``scale_scores``: list (smallest scale first) of [Ni, Nt]
-    sigmoid scores (rows = images, columns = texts), and ``logit_scale``: None (paper) or the learnable temperature as
-    a multiplier (a 0-d tensor) that the improved loss applies to the score matrices."""
-
-    image_embeds: torch.Tensor
-    text_embeds: torch.Tensor
-    scale_scores: list[torch.Tensor]
-    logit_scale: torch.Tensor | None = None
 
 
 class MSAModel(nn.Module):
@@ -87,19 +42,30 @@ class MSAModel(nn.Module):
         mscmat: :class:`~msa.mscmat.MSCMAT`, one cross-attention per scale.
         logit_scale: log of the learnable temperature multiplier (improved preset), else None.
         tokenizer: the transformers tokenizer.
+        backend: the ``msa.ops.mscmat_scores`` backend of MSCMAT ("auto", "reference", "cpu", "cuda", "triton"): a
+            run-time choice, settable at any time and not saved with the model.
     """
 
-    def __init__(self, config: MSAConfig, tokenizer: Any = None):
+    def __init__(self, config: MSAConfig, tokenizer: Any = None, backend: str = "auto"):
         super().__init__()
+        check_backend_name(backend)  # before the (slow) encoders are built
         self.config = config
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = TextEncoder(config)
-        self.mscmat = MSCMAT(self.image_encoder.scale_channels, config.embed_dim, config.num_heads, config.backend)
+        self.mscmat = MSCMAT(self.image_encoder.scale_channels, config.embed_dim, config.num_heads, backend)
         if config.use_logit_scale:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         else:
             self.logit_scale = None
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
+
+    @property
+    def backend(self) -> str:
+        return self.mscmat.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.mscmat.backend = name
 
     # ----------------------------------------------------------------------------------------------------- inputs
     def tokenize(self, captions: list[str] | str) -> dict[str, torch.Tensor]:
@@ -249,24 +215,37 @@ class MSAModel(nn.Module):
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> MSAModel:
-        """Load a model written by :meth:`save_pretrained` (``overrides`` change config fields, e.g. ``backend``).
+    def from_pretrained(cls, directory: str | Path, backend: str = "auto", **overrides: Any) -> MSAModel:
+        """Load a model written by :meth:`save_pretrained`.
+
+        Args:
+            directory: the folder holding ``config.json``, ``model.safetensors`` and (optionally) ``tokenizer/``.
+            backend: the ``msa.ops.mscmat_scores`` backend to run with (a ``backend`` saved in an older
+                ``config.json`` is ignored: the machine that loads the model chooses).
+            overrides: config fields to change (e.g. ``mask_padding``).
 
         Raises:
             FileNotFoundError: a file is missing.
-            ValueError: the weights do not fit the config (the message lists missing/unexpected/mismatched keys).
+            ValueError: a file is unreadable or truncated, a config field is unknown or of the wrong type, the
+                backend is unknown, or the weights do not fit the config; the message names the file (and the field
+                or the keys).
         """
-        from safetensors.torch import load_file
-
+        check_backend_name(backend)
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: not a directory written by save_pretrained")
-        config = MSAConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text())).replace(**overrides)
+        config_path = directory / CONFIG_NAME
+        try:
+            config = MSAConfig.from_dict(_read_json(config_path))
+        except ValueError as error:
+            raise ValueError(f"{config_path}: {error}") from error
+        config = config.replace(**overrides)
+        state = _read_weights(directory / WEIGHTS_NAME)
         tokenizer_dir = directory / TOKENIZER_DIR
         tokenizer = load_tokenizer(config, tokenizer_dir) if tokenizer_dir.is_dir() else None
-        model = cls(config, tokenizer=tokenizer)
-        model.load_checkpoint_state(load_file(str(directory / WEIGHTS_NAME)), source=str(directory))
+        model = cls(config, tokenizer=tokenizer, backend=backend)
+        model.load_checkpoint_state(state, source=str(directory / WEIGHTS_NAME))
         return model
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -278,6 +257,25 @@ class MSAModel(nn.Module):
                 f"unexpected keys {_some(unexpected)}; shape mismatches {_some(mismatched)}"
             )
         self.load_state_dict(state)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text ({error})") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON, truncated or not written by save_pretrained ({error})") from error
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({error})") from error
 
 
 def state_dict_differences(
@@ -302,9 +300,10 @@ def _some(items: list[str], limit: int = 12) -> str:
     return f"{items[:limit]} and {len(items) - limit} more"
 
 
-def create_model(name: str, **overrides: Any) -> MSAModel:
+def create_model(name: str, backend: str = "auto", **overrides: Any) -> MSAModel:
     """Build a named model (see :func:`msa.configs.list_models`) with config ``overrides``; a directory written by
-    ``save_pretrained`` is also accepted as ``name``."""
+    ``save_pretrained`` is also accepted as ``name``. ``backend`` is the ``msa.ops.mscmat_scores`` backend (a
+    run-time choice, not a config field)."""
     if Path(name).is_dir() and (Path(name) / CONFIG_NAME).is_file():
-        return MSAModel.from_pretrained(name, **overrides)
-    return MSAModel(get_config(name, **overrides))
+        return MSAModel.from_pretrained(name, backend=backend, **overrides)
+    return MSAModel(get_config(name, **overrides), backend=backend)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msa.ops import mscmat_scores
+from msa.ops.mscmat import BACKENDS
 
 
 class ScaleAlignment(nn.Module):
@@ -90,6 +91,14 @@ class ScaleAlignment(nn.Module):
         return core + image_bias[:, None] + readout_weights @ text_global.T
 
 
+def check_backend_name(name: str) -> str:
+    """``name`` if it is an ``mscmat_scores`` backend; checked when a model is built or loaded, not at its first
+    forward. Whether the backend can run on the tensors' device is decided by the op itself."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown mscmat_scores backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
 class MSCMAT(nn.Module):
     """All scales of MSCMAT with the two LayerNorms they share.
 
@@ -97,7 +106,8 @@ class MSCMAT(nn.Module):
         scale_channels: channels C_s of each image scale, smallest (shallowest) scale first.
         dim: model width D (published: 768).
         num_heads: attention heads H (published: 12).
-        backend: ``mscmat_scores`` backend ("auto" picks the fastest available).
+        backend: ``mscmat_scores`` backend ("auto" picks the fastest available); a run-time choice that may be
+            changed at any time (``layer.backend = "reference"``), never saved with the weights.
 
     Published parameter names: ``image_query_norm`` = ``ln_pre_t``, ``word_norm`` = ``ln_pre_i``,
     ``scales[s].fc`` = ``fc{s+1}``, ``scales[s].attn`` = ``cross_attn{s+1}``,
@@ -107,10 +117,18 @@ class MSCMAT(nn.Module):
     def __init__(self, scale_channels: Sequence[int], dim: int = 768, num_heads: int = 12, backend: str = "auto"):
         super().__init__()
         self.dim = dim
-        self.backend = backend
+        self.backend = backend  # checked by the property below
         self.image_query_norm = nn.LayerNorm(dim)
         self.word_norm = nn.LayerNorm(dim)
         self.scales = nn.ModuleList(ScaleAlignment(channels, dim, num_heads) for channels in scale_channels)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = check_backend_name(name)
 
     def forward(
         self,

@@ -126,7 +126,8 @@ def test_converted_model_reproduces_the_published_modules(published):
 def test_partial_conversion_keeps_the_rest(published):
     config = get_config("msa-tiny", image_backbone="resnet18")
     torch.manual_seed(5)
-    model = from_official(img_map=published["img_map"].state_dict(), config=config)
+    model = from_official(img_map=published["img_map"].state_dict(), config=config, backend="reference")
+    assert model.backend == "reference" and model.config.preset == "paper"
     torch.testing.assert_close(model.image_encoder.gated_map.gate.weight, published["img_map"].att.weight)
     assert not torch.allclose(model.mscmat.scales[0].fc.weight[:, :64], published["crossatt"].fc1.weight[:, :64])
 

@@ -1,5 +1,6 @@
 """The retrieval protocol against hand-computed cases (ties, 1 and 7 captions per image, chunking)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,21 @@ def test_input_checks():
         retrieval_metrics(torch.zeros(2, 2), [0, 2])
     with pytest.raises(ValueError, match="NaN"):
         retrieval_metrics(torch.tensor([[float("nan"), 0.0]]), [0, 0])
+
+
+def test_numpy_inputs_give_the_same_metrics():
+    generator = torch.Generator().manual_seed(3)
+    similarity = torch.randint(0, 4, (6, 14), generator=generator).float()
+    owner = torch.arange(14) % 6
+    expected = retrieval_metrics(similarity, owner)
+    assert retrieval_metrics(similarity.numpy(), owner.numpy()) == expected
+    assert retrieval_metrics(similarity.double().numpy(), owner.tolist()) == expected
+    # Reversed (negative-stride) views, as numpy slicing gives them; reordering the texts changes nothing.
+    assert retrieval_metrics(similarity.numpy()[:, ::-1], owner.numpy()[::-1]) == expected
+    i2t, t2i = retrieval_ranks(similarity.numpy(), owner.numpy())
+    assert isinstance(i2t, torch.Tensor) and t2i.shape == (14,)
+    with pytest.raises(ValueError, match="similarity must be"):
+        retrieval_metrics(np.zeros(3), [0, 1, 2])
 
 
 def test_metrics_table_lists_every_key():

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from msa.configs import PRESETS
 from msa.losses import (
     LOSS_PRESETS,
     LossSettings,
@@ -17,7 +21,7 @@ from msa.losses import (
     same_image_mask,
     triplet_loss,
 )
-from msa.model import MSAOutput
+from msa.outputs import MSAOutput
 
 
 def make_output(size: int = 6, dim: int = 16, scales: int = 4, seed: int = 0, logit_scale: float | None = 10.0):
@@ -103,7 +107,6 @@ def parts(loss):
 
 SWITCHES = {
     # switch -> the parts it may change (with image ids that repeat, and a logit scale in the output)
-    "use_logit_scale": {"alignment", "consistency"},
     "bidirectional_alignment": {"alignment"},
     "consistency_kl": {"consistency"},
     "mask_false_negatives": {"triplet", "alignment"},
@@ -157,6 +160,8 @@ def test_bad_inputs_raise_clear_errors():
         msa_loss(output, "published")
     with pytest.raises(ValueError, match="unknown loss settings"):
         msa_loss(output, "paper", margn=0.2)
+    with pytest.raises(ValueError, match="learnable_logit_scale"):
+        msa_loss(output, "improved", use_logit_scale=False)
     with pytest.raises(ValueError, match="one id per pair"):
         msa_loss(output, "improved", image_ids=[0, 1, 2])
     with pytest.raises(ValueError, match="kl must be"):
@@ -166,3 +171,80 @@ def test_bad_inputs_raise_clear_errors():
         msa_loss(rectangular)
     with pytest.raises(ValueError, match="square"):
         alignment_loss([torch.rand(4, 3)])
+
+
+def test_every_preset_has_loss_settings():
+    assert tuple(LOSS_PRESETS) == PRESETS
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_output_logit_scale_is_applied_in_every_preset(preset):
+    """The model alone decides whether there is a temperature: the loss applies whatever the output carries, so the
+    temperature always gets a gradient (DDP rejects parameters without one)."""
+    with_scale = make_output(seed=4, logit_scale=10.0)
+    without = MSAOutput(with_scale.image_embeds, with_scale.text_embeds, with_scale.scale_scores, None)
+    scaled = msa_loss(with_scale, preset)
+    plain = msa_loss(without, preset)
+    torch.testing.assert_close(scaled.triplet, plain.triplet)
+    assert not torch.allclose(scaled.alignment, plain.alignment)
+    expected = alignment_loss(
+        [scores * 10.0 for scores in with_scale.scale_scores],
+        bidirectional=LOSS_PRESETS[preset].bidirectional_alignment,
+    )
+    torch.testing.assert_close(scaled.alignment, expected)
+    scaled.total.backward()
+    assert with_scale.logit_scale.grad is not None and with_scale.logit_scale.grad != 0
+
+
+BLOCKED_IMPORTS = """
+import importlib.abc
+import sys
+
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("timm", "transformers"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def test_losses_and_metrics_need_neither_timm_nor_transformers():
+    script = BLOCKED_IMPORTS + textwrap.dedent(
+        """
+        import torch
+
+        from msa.evaluation import retrieval_metrics
+        from msa.losses import msa_loss
+        from msa.model import MSAOutput as FromModel  # the model itself needs timm
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "timm is blocked" in child.stderr or "transformers is blocked" in child.stderr, child.stderr
+
+    script = BLOCKED_IMPORTS + textwrap.dedent(
+        """
+        import torch
+
+        from msa.evaluation import retrieval_metrics
+        from msa.losses import msa_loss
+        from msa.outputs import ImageFeatures, MSAOutput, TextFeatures
+
+        torch.manual_seed(0)
+        embeds = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+        scores = [torch.rand(4, 4, requires_grad=True) for _ in range(4)]
+        loss = msa_loss(MSAOutput(embeds, embeds, scores, torch.tensor(10.0)), "improved", image_ids=[0, 1, 2, 3])
+        loss.total.backward()
+        assert scores[0].grad is not None
+        assert retrieval_metrics(torch.eye(4), [0, 1, 2, 3])["mR"] == 100.0
+        assert len(ImageFeatures(embeds, [embeds])[1:]) == 3
+        assert len(TextFeatures(embeds, embeds[:, None], embeds, None)) == 4
+        assert not {"timm", "transformers"} & set(sys.modules)
+        print("ok", loss.total.item())
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert child.returncode == 0 and child.stdout.startswith("ok"), child.stderr

@@ -4,18 +4,21 @@ offline pretrained weights, and a few optimisation steps on real images and capt
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import msa
 from msa.configs import get_config, list_models
 from msa.encoders import GatedMap, ImageEncoder, TextEncoder
 from msa.losses import msa_loss
 from msa.model import ImageFeatures, MSAModel, TextFeatures
+from msa.outputs import MSAOutput
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("MSA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RS_MINI = DATA / "rs_mini"
 
 CAPTIONS = [
@@ -243,6 +246,142 @@ def test_incompatible_checkpoint_lists_keys(tmp_path):
         MSAModel.from_pretrained(tmp_path / "nothing")
 
 
+def test_output_types_are_those_of_msa_outputs():
+    import msa.outputs
+
+    assert (ImageFeatures, TextFeatures, MSAOutput) == (
+        msa.outputs.ImageFeatures,
+        msa.outputs.TextFeatures,
+        msa.outputs.MSAOutput,
+    )
+
+
+def test_paper_preset_with_a_learnable_scale_trains_it(batch):
+    """One switch: a model with a temperature always has it used by the loss, whatever the loss preset."""
+    torch.manual_seed(0)
+    model = msa.create_model("msa-tiny", preset="paper", learnable_logit_scale=True)
+    images, input_ids, attention_mask = batch
+    output = model(images, input_ids, attention_mask)
+    msa_loss(output, model.config.preset).total.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+
+
+def test_backend_is_chosen_at_run_time_not_saved(tmp_path, batch):
+    images, input_ids, attention_mask = batch
+    torch.manual_seed(0)
+    model = msa.create_model("msa-tiny", backend="reference").eval()
+    assert model.backend == "reference" and model.mscmat.backend == "reference"
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "backend" not in saved
+    # A config.json written by an older version, with the backend of the machine that saved it: ignored.
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "backend": "cuda"}))
+    loaded = MSAModel.from_pretrained(tmp_path).eval()
+    assert loaded.backend == "auto"
+    assert MSAModel.from_pretrained(tmp_path, backend="reference").backend == "reference"
+    with torch.no_grad():
+        expected = model(images, input_ids, attention_mask).scale_scores
+        actual = loaded(images, input_ids, attention_mask).scale_scores
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    loaded.backend = "reference"
+    assert loaded.mscmat.backend == "reference"
+    with pytest.raises(ValueError, match="unknown mscmat_scores backend 'gpu'"):
+        MSAModel.from_pretrained(tmp_path, backend="gpu")
+    with pytest.raises(ValueError, match="unknown mscmat_scores backend"):
+        loaded.backend = "fast"
+    with pytest.raises(ValueError, match="backend is chosen at run time"):
+        get_config("msa-tiny", backend="cpu")
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    msa.create_model("msa-tiny").save_pretrained(directory)
+    return directory
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_truncated_checkpoint_files_are_named_at_load(saved_tiny, tmp_path):
+    broken = copy_checkpoint(saved_tiny, tmp_path / "weights")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        MSAModel.from_pretrained(broken)
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        MSAModel.from_pretrained(broken)
+
+    broken = copy_checkpoint(saved_tiny, tmp_path / "config")
+    config = broken / "config.json"
+    config.write_text(config.read_text()[:100])
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        MSAModel.from_pretrained(broken)
+    config.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match=r"config\.json: not UTF-8"):
+        MSAModel.from_pretrained(broken)
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: an MSAConfig must be a mapping"):
+        MSAModel.from_pretrained(broken)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("embed_dim", "64"), ("num_heads", 4.0), ("text_global_normalized", "no"), ("pooling", 5), ("max_length", None)],
+)
+def test_a_config_field_of_the_wrong_type_is_named_at_load(saved_tiny, tmp_path, field, value):
+    broken = copy_checkpoint(saved_tiny, tmp_path / "ckpt")
+    config = json.loads((broken / "config.json").read_text())
+    config[field] = value
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"config\.json: MSAConfig field '{field}' must be"):
+        MSAModel.from_pretrained(broken)
+
+
+def test_config_values_are_checked():
+    for field, value in (("image_size", 0), ("num_heads", -1), ("logit_scale_init", 0.0)):
+        with pytest.raises(ValueError, match=f"'{field}' must be positive"):
+            get_config("msa-tiny", **{field: value})
+    with pytest.raises(ValueError, match="'text_config' needs a 'model_type'"):
+        get_config("msa-tiny", text_config={"hidden_size": 64})
+    with pytest.raises(ValueError, match="'out_indices' must be list"):
+        get_config("msa-tiny", out_indices=3)
+    assert get_config("msa-tiny", out_indices=(1, 2)).pooling == ["max", "avg"]
+
+
+def test_fixed_pooling_uses_the_published_fixed_kernels():
+    """At 72 px a ResNet's stage maps are 18, 9, 5 and 3 pixels wide while the fixed kernels are 72 // stride = 18, 9,
+    4 and 2: the published nn.MaxPool2d(4) / nn.AvgPool2d(2) pool the top-left window, not the whole map."""
+    torch.manual_seed(0)
+    fixed = msa.create_model("msa-tiny", pool_mode="fixed", image_size=72).eval()
+    adaptive = msa.create_model("msa-tiny", pool_mode="adaptive", image_size=72).eval()
+    adaptive.load_state_dict(fixed.state_dict())
+    encoder = fixed.image_encoder
+    assert encoder.fixed_kernels == [18, 9, 4, 2]
+    images = torch.randn(2, 3, 72, 72)
+    with torch.no_grad():
+        maps = encoder.backbone(images)[1:]
+        assert [m.shape[-1] for m in maps] == [18, 9, 5, 3]
+        expected = [nn.MaxPool2d(18)(maps[0]), nn.MaxPool2d(9)(maps[1]), nn.MaxPool2d(4)(maps[2])]
+        expected.append(nn.AvgPool2d(2)(maps[3]))
+        pooled = fixed.encode_image(images).scale_features
+        pooled_adaptive = adaptive.encode_image(images).scale_features
+    for actual, reference in zip(pooled, expected):
+        torch.testing.assert_close(actual, reference.flatten(1))
+    torch.testing.assert_close(pooled[0], pooled_adaptive[0])  # 18 = 72 // 4: the kernel covers the whole map
+    assert not torch.allclose(pooled[2], pooled_adaptive[2])
+    assert not torch.allclose(pooled[3], pooled_adaptive[3])
+    with pytest.raises(ValueError, match="pool_mode='fixed'.*72x72.*got 64x64"):
+        fixed.encode_image(torch.randn(1, 3, 64, 64))
+
+
 def test_hub_name_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.delenv("MSA_ALLOW_DOWNLOAD", raising=False)
     config = get_config("msa-tiny", text_model="no-such-org/no-such-model", text_config=None, text_pretrained=True)
@@ -312,7 +451,7 @@ def load_pairs(source: str, count: int, synthetic_dataset) -> list[tuple[Path, s
         annotation_file = data.annotations
     else:
         if not RS_MINI.is_dir():
-            pytest.skip("real images (rs_mini) not available")
+            pytest.skip("real rs_mini images not present (shared data folder, MSA_SHARED_DATA)")
         annotation_file = RS_MINI / source / "dataset.json"
     images = json.loads(annotation_file.read_text())["images"][:count]
     return [(annotation_file.parent / "images" / item["filename"], item["sentences"][0]["raw"]) for item in images]
@@ -338,8 +477,9 @@ def test_a_few_steps_reduce_the_loss(preset, source, synthetic_dataset):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    # Measured: paper 133.1 -> 121.8, improved 133.9 -> 40.4. The published alignment term (cross-entropy of sigmoid
-    # scores in [0, 1], no temperature) can only move slowly; the learnable temperature lifts that limit.
+    # The recipe of benchmarks/loss_steps.py (the README's figure: paper 133.1 -> 121.8, improved 133.9 -> 40.4). The
+    # published alignment term (cross-entropy of sigmoid scores in [0, 1], no temperature) can only move slowly; the
+    # learnable temperature lifts that limit.
     assert losses[-1] < (0.95 if preset == "paper" else 0.6) * losses[0], losses
     augmented = model.image_transform(train=True)(load_image(pairs[0][0]))
     assert augmented.shape == (3, 64, 64)

@@ -103,3 +103,15 @@ def test_layer_bad_inputs(call, message):
     features, words, text_global, _ = make_batch(3, 4, 5)
     with pytest.raises(ValueError, match=message):
         call(layer, features, words, text_global)
+
+
+def test_unknown_backend_is_rejected_when_the_layer_is_built():
+    with pytest.raises(ValueError, match="unknown mscmat_scores backend 'gpu'"):
+        MSCMAT(CHANNELS, dim=48, num_heads=6, backend="gpu")
+    layer = make_layer(backend="reference")
+    with pytest.raises(ValueError, match="unknown mscmat_scores backend"):
+        layer.backend = "fastest"
+    assert layer.backend == "reference"
+    layer.backend = "auto"
+    features, words, text_global, _ = make_batch(2, 3, 5)
+    assert layer(features, words, text_global)[0].shape == (2, 3)

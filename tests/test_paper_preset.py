@@ -154,7 +154,7 @@ def test_paper_loss_and_gradients_match_published(model, batch):
 
 
 def test_pair_materialising_reference_agrees(model, batch):
-    """The lead's pair-batched reference (used by the benchmark) is the same published computation."""
+    """The pair-batched reference (used by the benchmarks) is the same published computation."""
     images, input_ids, attention_mask = batch
     with torch.no_grad():
         image_features = model.encode_image(images)
