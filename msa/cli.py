@@ -1,19 +1,36 @@
 """``msa-data``: dataset utilities.
 
-- ``msa-data stats --dataset rsicd --data-root DIR``: images and captions per split (after the val carve-out).
+- ``msa-data stats --dataset rsicd --data-root DIR``: images and captions per split, after the val carve-out that
+  training applies to a dataset without val (``--val-fraction``, default 0.1; 0 turns it off).
 - ``msa-data leakage --dataset rsicd --data-root A --other-dataset rsitmd --other-data-root B``: images with identical
   content (SHA-256 of the file) in two datasets' splits, e.g. RSICD train vs RSITMD test; without ``--other-*`` the
-  splits of one dataset are compared with each other.
+  splits of one dataset are compared with each other. Images repeated within a split are reported too.
+
+A mistake in the input (a missing or malformed file, an unknown split) prints one line and exits with status 2;
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
-from msa.data import carve_val, find_shared_images, load_annotations
+from msa.data import (
+    DEFAULT_VAL_FRACTION,
+    AnnotationError,
+    Annotations,
+    ImageLoadError,
+    carve_val,
+    find_shared_images,
+    load_annotations,
+)
+
+# What a user's input can get wrong; anything else is a bug and keeps its traceback.
+USER_ERRORS = (AnnotationError, ImageLoadError, OSError, ValueError, KeyError)
 
 
 def _dataset_args(parser: argparse.ArgumentParser, prefix: str = "", required: bool = True) -> None:
@@ -37,47 +54,66 @@ def _load(args: argparse.Namespace, prefix: str = ""):
     )
 
 
+def _check_splits(annotations: Annotations, splits: list[str] | None, flag: str) -> None:
+    unknown = sorted(set(splits or ()) - set(annotations.split_names()))
+    if unknown:
+        present = annotations.split_names()
+        raise ValueError(f"{flag}: no split {unknown} in {annotations.source}; splits present: {present}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msa-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--skip-bad", action="store_true", help="skip and count empty captions")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     commands = parser.add_subparsers(dest="command", required=True)
-    stats = commands.add_parser("stats", help="images and captions per split")
+    stats = commands.add_parser("stats", parents=[common], help="images and captions per split")
     _dataset_args(stats)
-    stats.add_argument("--val-fraction", type=float, default=0.0, help="carve val out of train if there is none")
+    stats.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="train share carved out as val when there is none, as in training (0: no carve-out)",
+    )
     stats.add_argument("--val-seed", type=int, default=0, help="seed of the carve-out")
-    stats.add_argument("--skip-bad", action="store_true", help="skip and count empty captions")
-    leakage = commands.add_parser("leakage", help="images shared between splits, by file hash")
+    leakage = commands.add_parser("leakage", parents=[common], help="images shared between splits, by file hash")
     _dataset_args(leakage)
     _dataset_args(leakage, "other-", required=False)
     leakage.add_argument("--splits", nargs="+", help="splits of the first dataset to compare (default all)")
     leakage.add_argument("--other-splits", nargs="+", help="splits of the other dataset (default all)")
-    leakage.add_argument("--skip-bad", action="store_true", help="skip and count empty captions")
-    leakage.add_argument("--list", action="store_true", help="list every shared file pair")
+    leakage.add_argument("--list", action="store_true", help="list every shared file pair and repeated image")
     leakage.add_argument("--output-json", help="write the report here")
     leakage.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "stats":
-        annotations = _load(args)
-        if args.val_fraction > 0:
-            annotations = carve_val(annotations, args.val_fraction, args.val_seed)
-        print(f"| {annotations.name} split | images | captions |\n|---|---:|---:|")
-        for split, (images, captions) in annotations.counts().items():
-            print(f"| {split} | {images} | {captions} |")
-        if annotations.skipped:
-            print(f"skipped: {annotations.skipped}")
-        return 0
+def _stats(args: argparse.Namespace) -> None:
+    annotations = _load(args)
+    carved = args.val_fraction > 0 and "val" not in annotations.split_names()
+    if carved:
+        annotations = carve_val(annotations, args.val_fraction, args.val_seed)
+    print(f"| {annotations.name} split | images | captions |\n|---|---:|---:|")
+    for split, (images, captions) in annotations.counts().items():
+        print(f"| {split} | {images} | {captions} |")
+    if carved:
+        print(f"val carved out of train (--val-fraction {args.val_fraction}, --val-seed {args.val_seed})")
+    if annotations.skipped:
+        print(f"skipped: {annotations.skipped}")
+
+
+def _leakage(args: argparse.Namespace) -> None:
     first = _load(args)
+    _check_splits(first, args.splits, "--splits")
     other = _load(args, "other-") if args.other_dataset else None
+    if other is not None:
+        _check_splits(other, args.other_splits, "--other-splits")
     progress = None
     if not args.no_progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
-        progress = tqdm
+        progress = functools.partial(tqdm, disable=None)  # no bar (and no cursor codes) when stderr is not a tty
     report = find_shared_images(first, other, args.splits, args.other_splits, progress=progress)
     print(report.to_markdown())
     if report.missing:
@@ -86,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         for (split_a, split_b), pairs in sorted(report.shared.items()):
             for file_a, file_b, digest in pairs:
                 print(f"{split_a}\t{file_a}\t{split_b}\t{file_b}\t{digest}")
+        for (dataset, split), groups in sorted(report.repeated.items()):
+            for group in groups:
+                print(f"repeated in {dataset} {split}:\t" + "\t".join(group))
     if args.output_json:
         record = {
             "dataset_a": report.dataset_a,
@@ -96,9 +135,31 @@ def main(argv: list[str] | None = None) -> int:
                 for (a, b), pairs in sorted(report.shared.items())
                 for fa, fb, h in pairs
             ],
+            "repeated": [
+                {"dataset": dataset, "split": split, "files": group}
+                for (dataset, split), groups in sorted(report.repeated.items())
+                for group in groups
+            ],
             "missing": report.missing,
         }
         Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="msa-data: %(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        if args.command == "stats":
+            _stats(args)
+        else:
+            _leakage(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        # KeyError's str() is the repr of its message; show the message itself.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"msa-data: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

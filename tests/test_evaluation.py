@@ -1,7 +1,5 @@
 """The retrieval protocol against hand-computed cases (ties, 1 and 7 captions per image, chunking)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -124,18 +122,13 @@ def test_metrics_table_lists_every_key():
     assert "| global | 100.00" in table and "1.00 ± 0.50" in table
 
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "rs_mini"
-
-
-@pytest.mark.skipif(not MINI.is_dir(), reason=f"rs_mini images not found at {MINI}")
-def test_evaluate_model_scoring_modes_on_real_images():
+def test_evaluate_model_scoring_modes(synthetic_dataset):
     from msa.data import load_annotations
     from msa.evaluation import encode_split, evaluate_model
     from msa.model import create_model
 
-    split = load_annotations(
-        "ucm", annotations=MINI / "ucm" / "dataset.json", image_root=MINI / "ucm" / "images"
-    ).split("train")
+    data = synthetic_dataset("ucm", num_images=15)  # train: 9 images, 45 captions
+    split = load_annotations("ucm", data.data_root).split("train")
     torch.manual_seed(0)
     model = create_model("msa-tiny", backend="reference")
     results = evaluate_model(model, split, fusion_weight=0.5, batch_size=4, chunk_size=4)

@@ -17,13 +17,21 @@ Supported layouts (as the datasets are distributed):
 
 from __future__ import annotations
 
+import collections
 import csv
+import io
 import json
+import logging
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+# Share of train carved out as val when a dataset has none (RSITMD as distributed); training, evaluation and
+# ``msa-data stats`` use the same default so that they see the same splits.
+DEFAULT_VAL_FRACTION = 0.1
+
+logger = logging.getLogger(__name__)
 
 
 class AnnotationError(ValueError):
@@ -84,6 +92,23 @@ class Annotations:
         present = {record.split for record in self.images}
         return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
 
+    def repeated_within_splits(self) -> dict[str, dict[str, int]]:
+        """``{split: {filename: times listed}}`` for the files listed more than once in one split."""
+        listed = collections.Counter((r.split, r.filename) for r in self.images)
+        out: dict[str, dict[str, int]] = {}
+        for (split, filename), times in listed.items():
+            if times > 1:
+                out.setdefault(split, {})[filename] = times
+        return out
+
+    def images_in_several_splits(self) -> dict[str, list[str]]:
+        """``{filename: [splits]}`` for the files listed in more than one split (splits in train, val, test order)."""
+        splits_of: dict[str, set[str]] = {}
+        for record in self.images:
+            splits_of.setdefault(record.filename, set()).add(record.split)
+        order = {s: i for i, s in enumerate(self.split_names())}
+        return {f: sorted(s, key=order.__getitem__) for f, s in splits_of.items() if len(s) > 1}
+
     def counts(self) -> dict[str, tuple[int, int]]:
         """``{split: (num_images, num_captions)}``."""
         out: dict[str, tuple[int, int]] = {}
@@ -127,6 +152,41 @@ def _clean_caption(text: str | None) -> str:
     return " ".join((text or "").split())
 
 
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8 (a byte-order mark is accepted and dropped)."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise AnnotationError(f"{path}: empty file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise AnnotationError(
+            f"{path}: not UTF-8 text (byte {error.start}: {data[error.start : error.start + 4]!r}); save it as UTF-8"
+        ) from None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise AnnotationError(
+            f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg} (truncated file?)"
+        ) from None
+
+
+def _check_split(split: object, where: str) -> str:
+    """The record's split name, ``restval`` (the COCO convention) read as train; anything else unknown is an error."""
+    if split == "restval":
+        return "train"
+    if split not in SPLITS:
+        raise AnnotationError(f"{where}: unknown split {split!r}; known splits: {', '.join(SPLITS)} (and restval)")
+    return split  # type: ignore[return-value]
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def _add_record(
     images: list[ImageRecord],
     skipped: dict[str, int],
@@ -146,13 +206,59 @@ def _add_record(
     images.append(ImageRecord(filename=filename, split=split, captions=kept, label=label, empty_captions=empty))
 
 
+def _karpathy_captions(sentences: object, where: str) -> list[str]:
+    if not isinstance(sentences, list):
+        raise AnnotationError(f"{where}: 'sentences' must be a list of sentence objects, got {_type_name(sentences)}")
+    captions = []
+    for number, sentence in enumerate(sentences):
+        if not isinstance(sentence, dict):
+            raise AnnotationError(f"{where}: sentence {number} must be an object, got {_type_name(sentence)}")
+        raw, tokens = sentence.get("raw"), sentence.get("tokens")
+        if raw is not None and not isinstance(raw, str):
+            raise AnnotationError(f"{where}: sentence {number}: 'raw' must be a string, got {_type_name(raw)}")
+        if tokens is not None and not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+            raise AnnotationError(f"{where}: sentence {number}: 'tokens' must be a list of strings")
+        captions.append(_clean_caption(raw or " ".join(tokens or [])))
+    return captions
+
+
+def _record_filename(record: dict, where: str) -> str:
+    filename = record.get("filename")
+    if not isinstance(filename, str) or not filename.strip():
+        raise AnnotationError(f"{where}: 'filename' must be a non-empty string, got {filename!r}")
+    return filename
+
+
+def _parse_karpathy(data: object, path: Path, skip_bad: bool) -> tuple[list[ImageRecord], dict[str, int]]:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise AnnotationError(f"{path}: not a Karpathy-style JSON (expected a dict with an 'images' list)")
+    images: list[ImageRecord] = []
+    skipped: dict[str, int] = {}
+    for position, record in enumerate(data["images"]):
+        where = f"{path}: image record {position}"
+        if not isinstance(record, dict):
+            raise AnnotationError(f"{where}: expected an object, got {_type_name(record)}")
+        filename = _record_filename(record, where)
+        where = f"{where} ({filename})"
+        split = _check_split(record.get("split", "train"), where)
+        if "sentences" not in record:
+            raise AnnotationError(f"{where}: no 'sentences'")
+        captions = _karpathy_captions(record["sentences"], where)
+        if record.get("filepath"):
+            filename = f"{record['filepath']}/{filename}"
+        label = record.get("label")
+        _add_record(images, skipped, filename, split, captions, skip_bad, None if label is None else str(label))
+    return images, skipped
+
+
 def load_karpathy_json(
     path: str | Path, image_root: str | Path | None = None, name: str | None = None, skip_bad: bool = False
 ) -> Annotations:
     """Read a Karpathy-style JSON (``{"images": [{"filename", "split", "sentences": [{"raw", "tokens"}]}]}``).
 
     A sentence's text is its ``raw`` field with whitespace normalised (trailing " ." kept: tokenizers handle it); when
-    ``raw`` is missing the ``tokens`` are joined. ``restval`` (the COCO convention) counts as train.
+    ``raw`` is missing the ``tokens`` are joined. ``restval`` (the COCO convention) counts as train; a record without
+    ``split`` is train; any other split name than train/val/test is an error.
 
     Args:
         path: the JSON file.
@@ -160,35 +266,50 @@ def load_karpathy_json(
         name: dataset name (default: the JSON's ``dataset`` field, else the file stem).
         skip_bad: skip and count empty captions; without it, :meth:`Annotations.split` raises
             :class:`AnnotationError` for a split that holds one.
+
+    Raises:
+        AnnotationError: the file is empty, not UTF-8, not valid JSON, or a record breaks the schema; one line naming
+            the file and the record.
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise AnnotationError(f"{path}: not a Karpathy-style JSON (expected a dict with an 'images' list)")
+    data = _read_json(path)
+    images, skipped = _parse_karpathy(data, path, skip_bad)
+    dataset_name = data.get("dataset") if isinstance(data, dict) else None
+    return _finish(
+        Annotations(
+            name=name or str(dataset_name or path.stem),
+            image_root=Path(image_root) if image_root is not None else path.parent,
+            images=images,
+            source=path,
+            skipped=skipped,
+        )
+    )
+
+
+def _parse_nwpu(data: object, path: Path, skip_bad: bool) -> tuple[list[ImageRecord], dict[str, int]]:
+    if not isinstance(data, dict) or "images" in data:
+        raise AnnotationError(f"{path}: not an NWPU-Captions JSON (expected a dict keyed by category)")
     images: list[ImageRecord] = []
     skipped: dict[str, int] = {}
-    for position, record in enumerate(data["images"]):
-        try:
-            filename = record["filename"]
-            split = record.get("split", "train")
-            sentences = record["sentences"]
-        except (KeyError, TypeError) as error:
-            raise AnnotationError(f"{path}: image record {position} lacks {error}") from error
-        if split == "restval":
-            split = "train"
-        if record.get("filepath"):
-            filename = f"{record['filepath']}/{filename}"
-        captions = [_clean_caption(s.get("raw") or " ".join(s.get("tokens") or [])) for s in sentences]
-        label = record.get("label")
-        _add_record(images, skipped, filename, split, captions, skip_bad, None if label is None else str(label))
-    return Annotations(
-        name=name or str(data.get("dataset") or path.stem),
-        image_root=Path(image_root) if image_root is not None else path.parent,
-        images=images,
-        source=path,
-        skipped=skipped,
-    )
+    for category, records in data.items():
+        if not isinstance(records, list):
+            got = _type_name(records)
+            raise AnnotationError(f"{path}: category {category!r} must hold a list of records, got {got}")
+        for position, record in enumerate(records):
+            where = f"{path}: category {category!r} record {position}"
+            if not isinstance(record, dict):
+                raise AnnotationError(f"{where}: expected an object, got {_type_name(record)}")
+            filename = _record_filename(record, where)
+            where = f"{where} ({filename})"
+            raw_keys = [k for k in record if k == "raw" or (k.startswith("raw_") and k[4:].isdigit())]
+            raw_keys.sort(key=lambda k: -1 if k == "raw" else int(k[4:]))
+            for key in raw_keys:
+                if record[key] is not None and not isinstance(record[key], str):
+                    raise AnnotationError(f"{where}: {key!r} must be a string, got {_type_name(record[key])}")
+            captions = [_clean_caption(record[k]) for k in raw_keys]
+            split = _check_split(record.get("split", "train"), where)
+            _add_record(images, skipped, f"{category}/{filename}", split, captions, skip_bad, category)
+    return images, skipped
 
 
 def load_nwpu_json(
@@ -197,26 +318,20 @@ def load_nwpu_json(
     """Read NWPU-Captions' ``dataset_nwpu.json``: ``{category: [{"filename", "split", "raw", "raw_1".."raw_4"}]}``.
 
     File names become ``<category>/<filename>`` relative to ``image_root`` (default: ``<json folder>/images``).
+
+    Raises:
+        AnnotationError: as :func:`load_karpathy_json`.
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict) or "images" in data:
-        raise AnnotationError(f"{path}: not an NWPU-Captions JSON (expected a dict keyed by category)")
-    images: list[ImageRecord] = []
-    skipped: dict[str, int] = {}
-    for category, records in data.items():
-        for record in records:
-            raw_keys = ["raw"] + sorted((k for k in record if k.startswith("raw_")), key=lambda k: int(k[4:]))
-            captions = [_clean_caption(record.get(k)) for k in raw_keys]
-            filename = f"{category}/{record['filename']}"
-            _add_record(images, skipped, filename, record.get("split", "train"), captions, skip_bad, category)
-    return Annotations(
-        name=name,
-        image_root=Path(image_root) if image_root is not None else path.parent / "images",
-        images=images,
-        source=path,
-        skipped=skipped,
+    images, skipped = _parse_nwpu(_read_json(path), path, skip_bad)
+    return _finish(
+        Annotations(
+            name=name,
+            image_root=Path(image_root) if image_root is not None else path.parent / "images",
+            images=images,
+            source=path,
+            skipped=skipped,
+        )
     )
 
 
@@ -232,29 +347,60 @@ def load_caption_csv(
     Args:
         split: the split of every row; default: ``train``/``val``/``test`` if the file stem contains one of them
             (``nwpu_captions_test.csv`` -> ``test``), else ``test``.
+
+    Raises:
+        AnnotationError: as :func:`load_karpathy_json` (rows are named by their line number).
     """
     path = Path(path)
     if split is None:
         stem = path.stem.lower()
         split = next((s for s in SPLITS if s in stem.replace("-", "_").split("_")), "test")
+    split = _check_split(split, f"{path}: the CSV's split")
     grouped: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         if reader.fieldnames is None or not {"filename", "title"} <= set(reader.fieldnames):
             raise AnnotationError(f"{path}: expected a CSV with columns 'filename,title', got {reader.fieldnames}")
         for row in reader:
-            grouped.setdefault(row["filename"], []).append(_clean_caption(row["title"]))
+            filename, title = row["filename"], row["title"]
+            if not filename or not filename.strip() or title is None:
+                raise AnnotationError(f"{path}: line {reader.line_num}: a row needs a filename and a title, got {row}")
+            grouped.setdefault(filename, []).append(_clean_caption(title))
+    except csv.Error as error:
+        raise AnnotationError(f"{path}: line {reader.line_num}: {error}") from None
     images: list[ImageRecord] = []
     skipped: dict[str, int] = {}
     for filename, captions in grouped.items():
         _add_record(images, skipped, filename, split, captions, skip_bad)
-    return Annotations(
-        name=name or path.stem,
-        image_root=Path(image_root) if image_root is not None else path.parent,
-        images=images,
-        source=path,
-        skipped=skipped,
+    return _finish(
+        Annotations(
+            name=name or path.stem,
+            image_root=Path(image_root) if image_root is not None else path.parent,
+            images=images,
+            source=path,
+            skipped=skipped,
+        )
     )
+
+
+def _finish(annotations: Annotations) -> Annotations:
+    """Warn, with counts, about images listed twice in a split or in several splits (both inflate the metrics)."""
+    repeated = annotations.repeated_within_splits()
+    if repeated:
+        counts = {split: sum(n - 1 for n in files.values()) for split, files in repeated.items()}
+        example = next(iter(next(iter(repeated.values()))))
+        logger.warning(
+            "%s (%s): %d repeated image listing(s) within a split %s, e.g. %s",
+            annotations.name, annotations.source, sum(counts.values()), counts, example,
+        )  # fmt: skip
+    several = annotations.images_in_several_splits()
+    if several:
+        pairs = collections.Counter("+".join(splits) for splits in several.values())
+        logger.warning(
+            "%s (%s): %d image(s) listed in several splits %s, e.g. %s",
+            annotations.name, annotations.source, len(several), dict(pairs), next(iter(several)),
+        )  # fmt: skip
+    return annotations
 
 
 # Where each dataset keeps its annotation file and images, as distributed (first match wins). The ``dataset_<name>``
@@ -280,15 +426,18 @@ def list_datasets() -> list[str]:
 
 
 def _load_file(path: Path, image_root: Path | None, name: str | None, split: str | None, skip_bad: bool) -> Annotations:
+    """Read an annotation file, telling the JSON formats apart by their structure (not by the dataset name)."""
     if path.suffix.lower() == ".csv":
         return load_caption_csv(path, image_root, split=split, name=name, skip_bad=skip_bad)
-    with open(path, encoding="utf-8") as f:
-        head = f.read(65536)
-    # A Karpathy file is a dict with an "images" list (near the top in every known file); NWPU's is a dict keyed by
-    # category.
-    if '"images"' in head:
-        return load_karpathy_json(path, image_root, name=name, skip_bad=skip_bad)
-    return load_nwpu_json(path, image_root, name=name or "nwpu", skip_bad=skip_bad)
+    data = _read_json(path)
+    if (isinstance(data, dict) and "images" in data) or name is None:
+        images, skipped = _parse_karpathy(data, path, skip_bad)
+        default_name = data.get("dataset") if isinstance(data, dict) else None
+        name = name or str(default_name or path.stem)
+    else:
+        images, skipped = _parse_nwpu(data, path, skip_bad)
+    root = image_root if image_root is not None else path.parent
+    return _finish(Annotations(name=name, image_root=root, images=images, source=path, skipped=skipped))
 
 
 def load_annotations(
@@ -332,11 +481,10 @@ def load_annotations(
         base = root_path if root_path is not None else annotations.parent
         folders = layout["images"] if layout is not None else ("images", "imgs", ".")
         image_root = next((base / f for f in folders if (base / f).is_dir()), base)
-    loaded = _load_file(annotations, Path(image_root), key if layout is not None else None, csv_split, skip_bad)
-    return loaded
+    return _load_file(annotations, Path(image_root), key if layout is not None else None, csv_split, skip_bad)
 
 
-def carve_val(annotations: Annotations, fraction: float = 0.1, seed: int = 0) -> Annotations:
+def carve_val(annotations: Annotations, fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0) -> Annotations:
     """Move a seeded, per-image fraction of train to a new ``val`` split when the dataset has none.
 
     The choice depends only on (the sorted train file names, ``fraction``, ``seed``): ``round(fraction * n_train)``

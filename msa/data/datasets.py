@@ -3,6 +3,7 @@ captions apart for evaluation (each image is encoded once, whatever its number o
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -13,53 +14,41 @@ import torch
 from PIL import Image
 
 from msa.data.annotations import RetrievalSplit
+from msa.data.images import ImageLoadError, find_bad_images, load_image
+
+logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("flip", "vflip", "rot90", "rotate", "crop")
-
-
-class ImageLoadError(OSError):
-    """An image file is missing or cannot be decoded (the message names the file)."""
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image (JPEG, PNG, TIFF, ...) as RGB; raises :class:`ImageLoadError` naming the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ImageLoadError(f"cannot read image {path}: {error}") from error
 
 
 def check_images(
     split: RetrievalSplit, skip_bad: bool = False, decode: bool = False, progress: Callable | None = None
 ) -> RetrievalSplit:
-    """Check every image of a split exists (and, with ``decode``, that PIL can decode it).
+    """Check every image of a split: its header (cheap), or with ``decode`` a full decode as training does.
 
     Args:
-        skip_bad: drop bad images and their captions, counting them in ``split.skipped["bad_image"]``; without it the
-            first bad image raises :class:`ImageLoadError`.
+        skip_bad: drop bad images and their captions, counting them in ``split.skipped["bad_image"]`` (and their
+            captions in ``"caption_of_bad_image"``) and logging their names; without it any bad image raises.
         decode: fully decode each image (slow on big datasets; the training CLI does it with ``--skip-bad``).
-        progress: optional wrapper for the iteration (e.g. ``tqdm``).
+        progress: optional wrapper for the iteration (e.g. ``tqdm``), called as ``progress(paths, total=count)``.
 
     Returns:
         The split itself when nothing is bad, else a filtered copy with ``text_to_image`` re-indexed.
+
+    Raises:
+        ImageLoadError: without ``skip_bad``, when an image is bad; one line giving the count and the first files.
     """
-    iterator = enumerate(split.image_paths)
-    if progress is not None:
-        iterator = progress(iterator, total=split.num_images)
-    bad: set[int] = set()
-    for index, path in iterator:
-        try:
-            if not Path(path).is_file():
-                raise ImageLoadError(f"missing image {path} ({split.name} {split.split})")
-            if decode:
-                load_image(path)
-        except ImageLoadError:
-            if not skip_bad:
-                raise
-            bad.add(index)
-    if not bad:
+    bad_files = find_bad_images(split.image_paths, decode=decode, progress=progress)
+    if not bad_files:
         return split
+    examples = "; ".join(f"{path}: {reason}" for path, reason in list(bad_files.items())[:3])
+    if not skip_bad:
+        raise ImageLoadError(
+            f"{len(bad_files)} bad image(s) in {split.name} {split.split} ({examples}); "
+            "pass skip_bad / --skip-bad to skip and count them"
+        )
+    logger.warning("%s %s: skipping %d bad image(s): %s", split.name, split.split, len(bad_files), examples)
+    bad = {index for index, path in enumerate(split.image_paths) if Path(path) in bad_files}
     new_index: dict[int, int] = {}
     image_paths = []
     for index, path in enumerate(split.image_paths):
