@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from synthetic_data import write_synthetic_dataset
 
 from msa.training import (
     TrainConfig,
@@ -33,8 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 MINI = Path(os.environ.get("MSA_RS_MINI", REPO.parent / "shared" / "data" / "rs_mini"))
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="the rs_mini real-image set is absent (set MSA_RS_MINI)")
 
-WORDS = ["red", "green", "blue", "field", "river", "road", "houses", "forest", "beach", "runway", "tanks", "farm"]
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -46,34 +43,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_karpathy_dataset(folder: Path, splits: dict[str, int], captions_per_image: int = 5, size: int = 72) -> Path:
-    """PNG images (random blocks of colour) with 5 made-up captions each in a Karpathy JSON; returns the JSON."""
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for split, count in splits.items():
-        for _ in range(count):
-            index = len(records)
-            pixels = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8).repeat(size // 4, 0).repeat(size // 4, 1)
-            Image.fromarray(pixels).save(folder / "images" / f"{index}.png")
-            sentences = [{"raw": " ".join(rng.choice(WORDS, 5)) + " ."} for _ in range(captions_per_image)]
-            records.append({"filename": f"{index}.png", "split": split, "sentences": sentences})
-    path = folder / "dataset.json"
-    path.write_text(json.dumps({"dataset": "synthetic", "images": records}))
-    return path
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    """5 train / 2 val / 2 test images, 5 captions each."""
-    return write_karpathy_dataset(tmp_path_factory.mktemp("synthetic"), {"train": 5, "val": 2, "test": 2})
+    """5 train / 2 val / 2 test images, 5 captions each (read only: tests that break files write their own)."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), "karpathy", num_images=9)
 
 
-def _config(annotations, output_dir, **overrides):
+def _config(data, output_dir, **overrides):
     values = dict(
         model="msa-tiny",
-        dataset="karpathy",
-        annotations=str(annotations),
+        dataset=data.dataset,
+        annotations=str(data.annotations),
+        image_root=str(data.image_root),
         epochs=2,
         batch_size=8,  # 25 train captions -> 3 steps per epoch
         lr=1e-3,
@@ -88,9 +69,10 @@ def _config(annotations, output_dir, **overrides):
     return TrainConfig(**values)
 
 
-def _cli(annotations, output_dir, *extra):
+def _cli(data, output_dir, *extra):
     return [
-        "--model", "msa-tiny", "--dataset", "karpathy", "--annotations", str(annotations), "--epochs", "2",
+        "--model", "msa-tiny", "--dataset", data.dataset, "--annotations", str(data.annotations),
+        "--image-root", str(data.image_root), "--epochs", "2",
         "--batch-size", "8", "--lr", "1e-3", "--workers", "0", "--output-dir", str(output_dir),
         "--tensorboard", "false", "--eval-batch-size", "4", "--backend", "reference", *extra,
     ]  # fmt: skip
@@ -146,9 +128,9 @@ def test_interrupt_and_resume_gives_the_same_loss_curve(synthetic, tmp_path, pre
     from msa.evaluate import main as eval_main
 
     code = eval_main(
-        ["--checkpoint", str(tmp_path / "full"), "--dataset", "karpathy", "--annotations", str(synthetic),
-         "--split", "test", "--batch-size", "4", "--output-json", str(tmp_path / "eval.json"), "--backend",
-         "reference"]
+        ["--checkpoint", str(tmp_path / "full"), "--dataset", "karpathy", "--annotations",
+         str(synthetic.annotations), "--image-root", str(synthetic.image_root), "--split", "test", "--batch-size",
+         "4", "--output-json", str(tmp_path / "eval.json"), "--backend", "reference"]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -335,10 +317,10 @@ def test_results_are_written_when_the_test_evaluation_fails(synthetic, tmp_path,
 @pytest.fixture
 def broken_images(tmp_path):
     """The synthetic set with one corrupt train image and one corrupt test image (garbage bytes)."""
-    path = write_karpathy_dataset(tmp_path / "data", {"train": 6, "val": 2, "test": 3})
-    (tmp_path / "data" / "images" / "0.png").write_bytes(b"not a png")
-    (tmp_path / "data" / "images" / "10.png").write_bytes(b"not a png")
-    return path
+    data = write_synthetic_dataset(tmp_path / "data", "karpathy", num_images=11)  # 7 / 2 / 2
+    for split in ("train", "test"):
+        (data.image_root / data.filenames[split][0]).write_bytes(b"not an image")
+    return data
 
 
 def test_skip_bad_checks_every_split_before_training_and_reports_counts(broken_images, tmp_path, capsys):
@@ -350,18 +332,27 @@ def test_skip_bad_checks_every_split_before_training_and_reports_counts(broken_i
     assert "skipped in test: 1 bad_image, 5 caption_of_bad_image" in out
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["skipped"]["test"] == {"bad_image": 1, "caption_of_bad_image": 5}
-    assert result["test"]["global"]["num_images"] == 2.0
+    assert result["test"]["global"]["num_images"] == 1.0  # 2 test images, 1 corrupt
     assert "Skipped in test: 1 bad_image" in (tmp_path / "run" / "results.md").read_text()
 
 
 def test_a_missing_test_image_stops_the_run_before_the_first_step(synthetic, tmp_path, capsys):
-    data = tmp_path / "data"
-    path = write_karpathy_dataset(data, {"train": 5, "val": 2, "test": 2})
-    (data / "images" / "8.png").unlink()
-    code = main(_cli(path, tmp_path / "run", "--progress", "false"))
+    data = write_synthetic_dataset(tmp_path / "data", "karpathy", num_images=9)
+    missing = data.filenames["test"][-1]
+    (data.image_root / missing).unlink()
+    code = main(_cli(data, tmp_path / "run", "--progress", "false"))
     error = capsys.readouterr().err.strip()
-    assert code == 2 and "8.png" in error and len(error.splitlines()) == 1
+    assert code == 2 and missing in error and len(error.splitlines()) == 1
     assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+def _one_train_image(folder):
+    """An RSITMD-layout set (train and test, no val) with a single train image: too few to carve val out of."""
+    data = write_synthetic_dataset(folder, "rsitmd", num_images=4)  # train 2, test 2
+    records = json.loads(data.annotations.read_text())
+    next(r for r in records["images"] if r["split"] == "train")["split"] = "test"
+    data.annotations.write_text(json.dumps(records))
+    return data
 
 
 def test_user_errors_are_one_line_and_exit_2(synthetic, tmp_path, capsys):
@@ -380,10 +371,12 @@ def test_user_errors_are_one_line_and_exit_2(synthetic, tmp_path, capsys):
         assert main(args) == 2, extra
         error = capsys.readouterr().err.strip()
         assert expected in error and len(error.splitlines()) == 1 and error.startswith("msa-train: error:"), error
-    with pytest.raises(FileNotFoundError):
-        main(_cli(tmp_path / "nope.json", tmp_path / "run", "--debug"))
+    args = _cli(synthetic, tmp_path / "run", "--debug")
+    args[args.index("--batch-size") + 1] = "100"
+    with pytest.raises(UsageError, match="fewer than one batch"):
+        main(args)
     # Too few train images to carve a val split out of.
-    tiny = write_karpathy_dataset(tmp_path / "tiny", {"train": 1, "test": 1})
+    tiny = _one_train_image(tmp_path / "tiny")
     assert main(_cli(tiny, tmp_path / "run2", "--val-fraction", "0.5")) == 2
     assert "too few to carve a val split" in capsys.readouterr().err
 
@@ -392,7 +385,8 @@ def test_msa_eval_user_errors(synthetic, reference_run, tmp_path, capsys):
     from msa.evaluate import main as eval_main
 
     full_dir, _ = reference_run
-    base = ["--dataset", "karpathy", "--annotations", str(synthetic), "--backend", "reference"]
+    base = ["--dataset", "karpathy", "--annotations", str(synthetic.annotations), "--image-root",
+            str(synthetic.image_root), "--backend", "reference"]  # fmt: skip
     for args, expected in (
         (["--checkpoint", str(tmp_path / "missing"), *base], "no model (config.json) found"),
         (["--checkpoint", str(full_dir), *base, "--split", "Test"], "no split 'Test'; splits present"),
@@ -400,8 +394,8 @@ def test_msa_eval_user_errors(synthetic, reference_run, tmp_path, capsys):
         assert eval_main(args) == 2
         error = capsys.readouterr().err.strip()
         assert expected in error and len(error.splitlines()) == 1 and "Traceback" not in error
-    tiny = write_karpathy_dataset(tmp_path / "tiny", {"train": 1, "test": 1})
-    args = ["--checkpoint", str(full_dir), "--dataset", "karpathy", "--annotations", str(tiny), "--split", "val"]
+    tiny = _one_train_image(tmp_path / "tiny")
+    args = ["--checkpoint", str(full_dir), "--dataset", "rsitmd", "--data-root", str(tiny.data_root), "--split", "val"]
     assert eval_main(args) == 2 and "too few to carve" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no model"):
         eval_main(["--checkpoint", str(tmp_path / "missing"), *base, "--debug"])
@@ -411,9 +405,8 @@ def test_msa_eval_user_errors(synthetic, reference_run, tmp_path, capsys):
 def test_console_of_a_run_in_a_log_file(synthetic, tmp_path):
     """``python -m msa.train`` with output to a file: val metrics at each evaluation, a tiny carve-out said, epochs
     numbered from 1 as in the logs, and no progress-bar cursor codes."""
-    data = tmp_path / "data"
-    path = write_karpathy_dataset(data, {"train": 8, "test": 2})
-    args = _cli(path, tmp_path / "run", "--val-fraction", "0.25", "--eval-modes", "global", "mscmat")
+    data = write_synthetic_dataset(tmp_path / "data", "rsitmd", num_images=10)  # train 8, test 2, no val
+    args = _cli(data, tmp_path / "run", "--val-fraction", "0.25", "--eval-modes", "global", "mscmat")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "msa.train", *args], env=env, capture_output=True, text=True,
                           cwd=REPO)  # fmt: skip
@@ -446,9 +439,9 @@ def test_every_shipped_config_parses():
 
 def test_smoke_config_trains_on_a_small_set(tmp_path):
     """configs/smoke.yaml: the tiny model on a set the size of rs_mini's UCM (9 images, 5 captions each)."""
-    path = write_karpathy_dataset(tmp_path / "data", {"train": 7, "test": 2})
-    code = main(["--config", str(REPO / "configs" / "smoke.yaml"), "--dataset", "karpathy", "--annotations",
-                 str(path), "--output-dir", str(tmp_path / "run"), "--backend", "reference", "--progress", "false",
+    data = write_synthetic_dataset(tmp_path / "data", "ucm", num_images=9, captions_per_image=5)
+    code = main(["--config", str(REPO / "configs" / "smoke.yaml"), "--data-root", str(data.data_root),
+                 "--output-dir", str(tmp_path / "run"), "--backend", "reference", "--progress", "false",
                  "--epochs", "1"])  # fmt: skip
     assert code == 0
     result = json.loads((tmp_path / "run" / "results.json").read_text())
