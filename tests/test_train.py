@@ -419,6 +419,16 @@ def test_console_of_a_run_in_a_log_file(synthetic, tmp_path):
     assert "| global |" in done.stdout
 
 
+def test_missing_splits_are_said_before_training(tmp_path, caplog):
+    data = write_synthetic_dataset(tmp_path, "rsitmd", num_images=10)  # train 8, test 2
+    records = json.loads(data.annotations.read_text())
+    records["images"] = [r for r in records["images"] if r["split"] == "train"]
+    data.annotations.write_text(json.dumps(records))
+    config = TrainConfig(dataset="rsitmd", data_root=str(data.data_root), val_fraction=0.0)
+    assert list(prepare_splits(config)) == ["train"]
+    assert "no val split and val_fraction is 0" in caplog.text and "has no test split" in caplog.text
+
+
 def test_msa_eval_does_not_import_the_training_application():
     code = "import sys, msa.evaluate; sys.exit('msa.training' in sys.modules or 'msa.train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

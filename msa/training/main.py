@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if debug:
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        print(f"msa-train: error: {message}", file=sys.stderr)
+        print(f"msa-train: error: {error}", file=sys.stderr)
         return 2
     finally:
         if torch.distributed.is_initialized():
