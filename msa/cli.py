@@ -5,6 +5,8 @@
 - ``msa-data leakage --dataset rsicd --data-root A --other-dataset rsitmd --other-data-root B``: images with identical
   content (SHA-256 of the file) in two datasets' splits, e.g. RSICD train vs RSITMD test; without ``--other-*`` the
   splits of one dataset are compared with each other. Images repeated within a split are reported too.
+- ``msa-data check --dataset rsicd --data-root DIR [--decode]``: every image file of the dataset read (its header, or
+  with ``--decode`` the whole image); lists each unreadable file with the reason and exits with status 1 if any.
 
 A mistake in the input (a missing or malformed file, an unknown split) prints one line and exits with status 2;
 ``--debug`` shows the traceback instead.
@@ -25,6 +27,7 @@ from msa.data import (
     Annotations,
     ImageLoadError,
     carve_val,
+    find_bad_images,
     find_shared_images,
     load_annotations,
 )
@@ -78,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train share carved out as val when there is none, as in training (0: no carve-out)",
     )
     stats.add_argument("--val-seed", type=int, default=0, help="seed of the carve-out")
+    check = commands.add_parser("check", parents=[common], help="find unreadable images (exit status 1 if any)")
+    _dataset_args(check)
+    check.add_argument("--splits", nargs="+", help="splits to check (default all)")
+    check.add_argument("--decode", action="store_true", help="decode every image fully (slow; default: headers only)")
+    check.add_argument("--no-progress", action="store_true", help="no progress bars")
     leakage = commands.add_parser("leakage", parents=[common], help="images shared between splits, by file hash")
     _dataset_args(leakage)
     _dataset_args(leakage, "other-", required=False)
@@ -93,7 +101,10 @@ def _stats(args: argparse.Namespace) -> None:
     annotations = _load(args)
     carved = args.val_fraction > 0 and "val" not in annotations.split_names()
     if carved:
-        annotations = carve_val(annotations, args.val_fraction, args.val_seed)
+        try:
+            annotations = carve_val(annotations, args.val_fraction, args.val_seed)
+        except ValueError as error:
+            raise ValueError(f"{error} (--val-fraction {args.val_fraction}; 0 for no carve-out)") from error
     print(f"| {annotations.name} split | images | captions |\n|---|---:|---:|")
     for split, (images, captions) in annotations.counts().items():
         print(f"| {split} | {images} | {captions} |")
@@ -103,17 +114,38 @@ def _stats(args: argparse.Namespace) -> None:
         print(f"skipped: {annotations.skipped}")
 
 
+def _progress(args: argparse.Namespace):
+    if args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return functools.partial(tqdm, disable=None)  # no bar (and no cursor codes) when stderr is not a tty
+
+
+def _check(args: argparse.Namespace) -> int:
+    annotations = _load(args)
+    _check_splits(annotations, args.splits, "--splits")
+    progress = _progress(args)
+    print(f"| {annotations.name} split | images | bad images |\n|---|---:|---:|")
+    found: dict[Path, str] = {}
+    for split in args.splits or annotations.split_names():
+        paths = [annotations.image_root / r.filename for r in annotations.images if r.split == split]
+        split_progress = functools.partial(progress, desc=split) if progress else None
+        bad = find_bad_images(paths, decode=args.decode, progress=split_progress)
+        print(f"| {split} | {len(set(paths))} | {len(bad)} |")
+        found.update(bad)
+    for path, reason in found.items():
+        print(f"{path}\t{reason}")
+    return 1 if found else 0
+
+
 def _leakage(args: argparse.Namespace) -> None:
     first = _load(args)
     _check_splits(first, args.splits, "--splits")
     other = _load(args, "other-") if args.other_dataset else None
     if other is not None:
         _check_splits(other, args.other_splits, "--other-splits")
-    progress = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        progress = functools.partial(tqdm, disable=None)  # no bar (and no cursor codes) when stderr is not a tty
+    progress = _progress(args)
     report = find_shared_images(first, other, args.splits, args.other_splits, progress=progress)
     print(report.to_markdown())
     if report.missing:
@@ -149,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="msa-data: %(levelname)s: %(message)s", level=logging.WARNING)
     try:
+        if args.command == "check":
+            return _check(args)
         if args.command == "stats":
             _stats(args)
         else:

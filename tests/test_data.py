@@ -38,14 +38,14 @@ from msa.data import (
 )
 
 # Real data is an extra layer on top of the synthetic datasets: the repository's sibling folder shared/data, or
-# MSA_REAL_DATA.
-DATA = Path(os.environ.get("MSA_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+# MSA_SHARED_DATA.
+DATA = Path(os.environ.get("MSA_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 CAPTIONS = DATA / "rs_captions"
 MINI = DATA / "rs_mini"
 needs_captions = pytest.mark.skipif(
-    not CAPTIONS.is_dir(), reason="real caption annotations (rs_captions) not available; set MSA_REAL_DATA"
+    not CAPTIONS.is_dir(), reason="real caption annotations (rs_captions) not available; set MSA_SHARED_DATA"
 )
-needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="real images (rs_mini) not available; set MSA_REAL_DATA")
+needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="real images (rs_mini) not available; set MSA_SHARED_DATA")
 
 
 @needs_captions
@@ -216,12 +216,9 @@ def test_carve_out_on_rsitmd_as_distributed():
     assert counts["test"] == (452, 2260)
 
 
-@needs_captions
-@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6, 0.8])
-def test_noise_protocol_counts(ratio):
-    train = load_annotations("rsitmd", annotations=CAPTIONS / "dataset_rsitmd.json").split("train")
+def _check_noise_protocol(train, ratio):
     noisy, drawn = add_caption_noise(train, ratio, seed=0)
-    assert sum(drawn) == round(ratio * 17160)
+    assert sum(drawn) == round(ratio * train.num_captions)
     assert noisy.text_to_image == train.text_to_image and noisy.image_paths == train.image_paths
     # Rows not drawn are untouched; the drawn rows' captions are a permutation of their original captions.
     assert all(n == c for n, c, d in zip(noisy.captions, train.captions, drawn) if not d)
@@ -233,6 +230,22 @@ def test_noise_protocol_counts(ratio):
     again, drawn_again = add_caption_noise(train, ratio, seed=0)
     assert again.captions == noisy.captions and drawn_again == drawn
     assert add_caption_noise(train, ratio, seed=1)[0].captions != noisy.captions
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6, 0.8])
+def test_noise_protocol_counts(synthetic_dataset, ratio):
+    data = synthetic_dataset("rsitmd", num_images=100)
+    train = load_annotations("rsitmd", data.data_root).split("train")
+    assert train.num_captions == 400  # train 80 images, test 20
+    _check_noise_protocol(train, ratio)
+
+
+@needs_captions
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6, 0.8])
+def test_noise_protocol_counts_on_rsitmd(ratio):
+    train = load_annotations("rsitmd", annotations=CAPTIONS / "dataset_rsitmd.json").split("train")
+    assert train.num_captions == 17160
+    _check_noise_protocol(train, ratio)
 
 
 def test_images_load_and_transform(synthetic_dataset):
@@ -664,7 +677,7 @@ def test_msa_data_stats_carves_val_as_training_does(synthetic_dataset, capsys):
         (["stats", "--dataset", "rsicd", "--data-root", "{missing}"], "rsicd: no annotation file in"),
         (["stats", "--dataset", "karpathy", "--annotations", "{bad}"], "bad.json: invalid JSON at line"),
         (["stats", "--dataset", "coco", "--data-root", "{root}"], "unknown dataset 'coco'"),
-        (["stats", "--dataset", "karpathy", "--annotations", "{tiny}"], "too few to carve a val split"),
+        (["stats", "--dataset", "karpathy", "--annotations", "{tiny}"], "too few to carve a val split.*0 for no"),
         (
             ["leakage", "--dataset", "rsicd", "--data-root", "{root}", "--splits", "Test"],
             r"--splits: no split \['Test'\]",
@@ -684,3 +697,50 @@ def test_msa_data_user_errors_print_one_line_and_exit_2(tmp_path, capsys, synthe
     assert err.startswith("msa-data: error: ") and err.count("\n") == 1 and re.search(message, err), err
     with pytest.raises((AnnotationError, OSError, ValueError, KeyError), match=message):
         main([*argv, "--debug"])
+
+
+def test_records_without_a_split_are_train_with_a_warning(tmp_path, caplog):
+    records = [{"filename": "a.jpg", "sentences": [{"raw": "one"}]}, _record("b.jpg", "test", ["two"])]
+    with caplog.at_level(logging.WARNING, logger="msa.data"):
+        annotations = load_annotations("karpathy", annotations=_karpathy(tmp_path, records))
+    assert annotations.counts() == {"train": (1, 1), "test": (1, 1)}
+    assert any("1 image record(s) without a 'split' field, read as train" in r.getMessage() for r in caplog.records)
+
+
+def test_images_without_captions_error_or_are_counted(tmp_path):
+    records = [
+        _record("a.jpg", "test", ["one"]),
+        _record("b.jpg", "test", []),
+        _record("c.jpg", "test", ["", "  "]),
+        _record("d.jpg", "train", ["four"]),
+    ]
+    path = _karpathy(tmp_path, records)
+    strict = load_annotations("karpathy", annotations=path)
+    with pytest.raises(AnnotationError, match=r"2 image\(s\) of split 'test' have an empty caption or none.*b.jpg"):
+        strict.split("test")
+    assert strict.split("train").captions == ["four"]
+    lenient = load_annotations("karpathy", annotations=path, skip_bad=True)
+    assert lenient.skipped == {"empty_caption": 2, "image_without_caption": 2}
+    test = lenient.split("test")
+    assert [p.name for p in test.image_paths] == ["a.jpg"] and test.text_to_image == [0]
+
+
+def test_msa_data_check_lists_unreadable_images(tmp_path, capsys, synthetic_dataset):
+    from msa.cli import main
+
+    data = synthetic_dataset("rsicd")
+    assert main(["check", "--dataset", "rsicd", "--data-root", str(data.data_root), "--no-progress"]) == 0
+    assert "| test | 2 | 0 |" in capsys.readouterr().out
+    root = tmp_path / "rsicd"
+    shutil.copytree(data.data_root, root)
+    truncated, removed = data.filenames["test"][0], data.filenames["train"][3]
+    image = root / "RSICD_images" / truncated
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # header intact, pixels cut
+    (root / "RSICD_images" / removed).unlink()
+    argv = ["check", "--dataset", "rsicd", "--data-root", str(root), "--no-progress"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "| train | 6 | 1 |" in out and f"{removed}\tmissing file" in out and truncated not in out
+    assert main([*argv, "--decode", "--splits", "test"]) == 1
+    out = capsys.readouterr().out
+    assert "| test | 2 | 1 |" in out and truncated in out and "train" not in out

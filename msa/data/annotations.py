@@ -46,7 +46,7 @@ class ImageRecord:
     split: str
     captions: list[str]
     label: str | None = None
-    empty_captions: int = 0  # empty sentences found (and not skipped): using this image's split raises
+    empty_captions: int = 0  # empty sentences found (and not skipped): using this image's split raises, as without any
 
 
 @dataclass
@@ -122,15 +122,17 @@ class Annotations:
 
         Raises:
             KeyError: the split does not exist (the message lists the ones that do).
-            AnnotationError: the split holds empty captions (loaded without ``skip_bad``); names the images.
+            AnnotationError: the split holds empty captions or an image without any (loaded without ``skip_bad``);
+                names the images.
         """
         records = [r for r in self.images if r.split == split]
         if not records:
             raise KeyError(f"{self.name}: no split {split!r} in {self.source}; splits present: {self.split_names()}")
-        empty = [r.filename for r in records if r.empty_captions]
+        # An image without captions would silently leave image-to-text ranking and stay a text-to-image distractor.
+        empty = [r.filename for r in records if r.empty_captions or not r.captions]
         if empty:
             raise AnnotationError(
-                f"{self.source}: {len(empty)} image(s) of split {split!r} have an empty caption: {empty[:5]} "
+                f"{self.source}: {len(empty)} image(s) of split {split!r} have an empty caption or none: {empty[:5]} "
                 "(pass skip_bad / --skip-bad to skip and count them)"
             )
         captions: list[str] = []
@@ -183,6 +185,11 @@ def _check_split(split: object, where: str) -> str:
     return split  # type: ignore[return-value]
 
 
+def _warn_without_split(path: Path, count: int) -> None:
+    if count:
+        logger.warning("%s: %d image record(s) without a 'split' field, read as train", path, count)
+
+
 def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -201,6 +208,9 @@ def _add_record(
     if empty and skip_bad:
         skipped["empty_caption"] = skipped.get("empty_caption", 0) + empty
         empty = 0
+    if not kept and skip_bad:
+        skipped["image_without_caption"] = skipped.get("image_without_caption", 0) + 1
+        return
     # Without skip_bad the error is raised when the split is used (Annotations.split), so that an empty caption in
     # train does not prevent evaluating on test.
     images.append(ImageRecord(filename=filename, split=split, captions=kept, label=label, empty_captions=empty))
@@ -234,6 +244,7 @@ def _parse_karpathy(data: object, path: Path, skip_bad: bool) -> tuple[list[Imag
         raise AnnotationError(f"{path}: not a Karpathy-style JSON (expected a dict with an 'images' list)")
     images: list[ImageRecord] = []
     skipped: dict[str, int] = {}
+    without_split = 0
     for position, record in enumerate(data["images"]):
         where = f"{path}: image record {position}"
         if not isinstance(record, dict):
@@ -241,6 +252,7 @@ def _parse_karpathy(data: object, path: Path, skip_bad: bool) -> tuple[list[Imag
         filename = _record_filename(record, where)
         where = f"{where} ({filename})"
         split = _check_split(record.get("split", "train"), where)
+        without_split += "split" not in record
         if "sentences" not in record:
             raise AnnotationError(f"{where}: no 'sentences'")
         captions = _karpathy_captions(record["sentences"], where)
@@ -248,6 +260,7 @@ def _parse_karpathy(data: object, path: Path, skip_bad: bool) -> tuple[list[Imag
             filename = f"{record['filepath']}/{filename}"
         label = record.get("label")
         _add_record(images, skipped, filename, split, captions, skip_bad, None if label is None else str(label))
+    _warn_without_split(path, without_split)
     return images, skipped
 
 
@@ -272,7 +285,12 @@ def load_karpathy_json(
             the file and the record.
     """
     path = Path(path)
-    data = _read_json(path)
+    return _karpathy_annotations(_read_json(path), path, image_root, name, skip_bad)
+
+
+def _karpathy_annotations(
+    data: object, path: Path, image_root: str | Path | None, name: str | None, skip_bad: bool
+) -> Annotations:
     images, skipped = _parse_karpathy(data, path, skip_bad)
     dataset_name = data.get("dataset") if isinstance(data, dict) else None
     return _finish(
@@ -291,6 +309,7 @@ def _parse_nwpu(data: object, path: Path, skip_bad: bool) -> tuple[list[ImageRec
         raise AnnotationError(f"{path}: not an NWPU-Captions JSON (expected a dict keyed by category)")
     images: list[ImageRecord] = []
     skipped: dict[str, int] = {}
+    without_split = 0
     for category, records in data.items():
         if not isinstance(records, list):
             got = _type_name(records)
@@ -308,7 +327,9 @@ def _parse_nwpu(data: object, path: Path, skip_bad: bool) -> tuple[list[ImageRec
                     raise AnnotationError(f"{where}: {key!r} must be a string, got {_type_name(record[key])}")
             captions = [_clean_caption(record[k]) for k in raw_keys]
             split = _check_split(record.get("split", "train"), where)
+            without_split += "split" not in record
             _add_record(images, skipped, f"{category}/{filename}", split, captions, skip_bad, category)
+    _warn_without_split(path, without_split)
     return images, skipped
 
 
@@ -323,7 +344,13 @@ def load_nwpu_json(
         AnnotationError: as :func:`load_karpathy_json`.
     """
     path = Path(path)
-    images, skipped = _parse_nwpu(_read_json(path), path, skip_bad)
+    return _nwpu_annotations(_read_json(path), path, image_root, name, skip_bad)
+
+
+def _nwpu_annotations(
+    data: object, path: Path, image_root: str | Path | None, name: str, skip_bad: bool
+) -> Annotations:
+    images, skipped = _parse_nwpu(data, path, skip_bad)
     return _finish(
         Annotations(
             name=name,
@@ -430,14 +457,10 @@ def _load_file(path: Path, image_root: Path | None, name: str | None, split: str
     if path.suffix.lower() == ".csv":
         return load_caption_csv(path, image_root, split=split, name=name, skip_bad=skip_bad)
     data = _read_json(path)
+    # --dataset karpathy (name None) insists on the Karpathy structure, so an NWPU file is named as not being one.
     if (isinstance(data, dict) and "images" in data) or name is None:
-        images, skipped = _parse_karpathy(data, path, skip_bad)
-        default_name = data.get("dataset") if isinstance(data, dict) else None
-        name = name or str(default_name or path.stem)
-    else:
-        images, skipped = _parse_nwpu(data, path, skip_bad)
-    root = image_root if image_root is not None else path.parent
-    return _finish(Annotations(name=name, image_root=root, images=images, source=path, skipped=skipped))
+        return _karpathy_annotations(data, path, image_root, name, skip_bad)
+    return _nwpu_annotations(data, path, image_root, name, skip_bad)
 
 
 def load_annotations(

@@ -63,7 +63,7 @@ def _stretch_to_8bit(values: np.ndarray) -> Image.Image:
 def _reduction_factor(size: tuple[int, int], limit: int | None) -> int:
     """The smallest integer factor that brings ``size`` under ``limit`` pixels (1 when it already is)."""
     pixels = size[0] * size[1]
-    if limit is None or pixels <= limit:
+    if not limit or pixels <= limit:
         return 1
     factor = math.isqrt(pixels // limit)
     while math.ceil(size[0] / factor) * math.ceil(size[1] / factor) > limit:
@@ -73,7 +73,12 @@ def _reduction_factor(size: tuple[int, int], limit: int | None) -> int:
 
 @contextlib.contextmanager
 def _bomb_warning_answered() -> Iterator[None]:
-    """Silence PIL's warning between MAX_IMAGE_PIXELS and the hard limit: the caller reduces such images on load."""
+    """Silence PIL's warning between MAX_IMAGE_PIXELS and the hard limit: the caller reduces such images on load.
+
+    The warning fires while decoding too (TIFF), so the whole load runs inside. ``catch_warnings`` swaps the
+    process-wide filters: loads in several threads at once may leave this one filter installed, which only hides a
+    warning this module answers anyway (DataLoader workers are processes and unaffected).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
