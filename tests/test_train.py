@@ -29,8 +29,9 @@ from msa.training.config import changed_settings
 from msa.training.main import main
 
 REPO = Path(__file__).resolve().parents[1]
-MINI = Path(os.environ.get("MSA_RS_MINI", REPO.parent / "shared" / "data" / "rs_mini"))
-needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="the rs_mini real-image set is absent (set MSA_RS_MINI)")
+# The real-data folder: MSA_SHARED_DATA, else the checkout's neighbour shared/data.
+MINI = Path(os.environ.get("MSA_SHARED_DATA") or REPO.parent / "shared" / "data") / "rs_mini"
+needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="real images (rs_mini) not available; set MSA_SHARED_DATA")
 
 
 @pytest.fixture(autouse=True)
