@@ -249,8 +249,8 @@ def _restore(run: _Run, resume_dir: Path, saved: dict[str, Any]) -> None:
     rank = run.info.rank
     set_rng_state(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
     logger.info(
-        "resumed from %s after epoch %d step %d (%d completed epochs)",
-        resume_dir, run.state["epoch"] + (run.state["batch_in_epoch"] > 0), run.state["step"], run.state["epoch"],
+        "resumed from %s at step %d (epoch %d, %d of its batches done)",
+        resume_dir, run.state["step"], run.state["epoch"] + 1, run.state["batch_in_epoch"],
     )  # fmt: skip
 
 
