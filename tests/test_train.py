@@ -306,9 +306,20 @@ def test_results_are_written_when_the_test_evaluation_fails(synthetic, tmp_path,
             raise OSError("disk gone")
         return evaluate(run, model, split)
 
+    from msa.model import MSAModel
+
+    loaded = []
+    from_pretrained = MSAModel.from_pretrained.__func__
+
+    def recording_from_pretrained(cls, directory, **kwargs):
+        loaded.append(kwargs)
+        return from_pretrained(cls, directory, **kwargs)
+
     monkeypatch.setattr(loop, "_evaluate", failing_on_test)
+    monkeypatch.setattr(MSAModel, "from_pretrained", classmethod(recording_from_pretrained))
     with pytest.raises(OSError, match="disk gone"):
         train(_config(synthetic, tmp_path, epochs=1, eval_modes=["global"]))
+    assert loaded == [{"backend": "reference"}]  # the best checkpoint runs with this run's backend
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["test_error"] == "OSError: disk gone" and result["best"]["epoch"] == 1
     assert "test evaluation failed" in (tmp_path / "results.md").read_text()
