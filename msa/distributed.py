@@ -16,9 +16,11 @@ it, without any communication in the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,17 +103,40 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_mean(value: float) -> float:
-    """The mean of a Python number over ranks (for logging)."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather_features(features: Any) -> Any:
+    """All-gather every tensor field of an ImageFeatures / TextFeatures (lists element-wise, None kept); floating
+    fields keep the local gradient (:func:`all_gather_with_grad`)."""
+    values = {}
+    for f in dataclasses.fields(features):
+        value = getattr(features, f.name)
+        if value is None:
+            values[f.name] = None
+        elif isinstance(value, list):
+            values[f.name] = [all_gather_with_grad(v) for v in value]
+        elif value.is_floating_point():
+            values[f.name] = all_gather_with_grad(value)
+        else:
+            values[f.name] = all_gather_no_grad(value)
+    return type(features)(**values)
+
+
+class GlobalBatchModel(torch.nn.Module):
+    """Wraps an MSAModel so that DDP sees one forward: encode the local batch, all-gather the features (local
+    gradient kept), score the global batch. Returns the ``MSAOutput`` and the global image ids."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_ids: torch.Tensor
+    ) -> tuple[Any, torch.Tensor]:
+        image_features = gather_features(self.model.encode_image(images))
+        text_features = gather_features(self.model.encode_text(input_ids, attention_mask))
+        output = self.model.forward_features(image_features, text_features)
+        return output, all_gather_no_grad(image_ids)

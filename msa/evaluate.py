@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from msa.data import AnnotationError, ImageLoadError, RetrievalSplit, carve_val, check_images, load_annotations
 from msa.evaluation import SCORING_MODES, evaluate_model, metrics_table
 
 
@@ -57,36 +58,57 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="encoder autocast dtype (CUDA)")
     add("--backend", help="msa.ops backend override (auto, reference, cpu, cuda, triton)")
     add("--output-json", help="also write the metrics here")
-    add("--no-progress", action="store_true", help="no progress bars")
+    add("--no-progress", action="store_true", help="no progress bars (there are none when stderr is not a terminal)")
+    add("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from msa.data import carve_val, check_images, load_annotations
-    from msa.model import MSAModel
-    from msa.train import PRECISIONS
+# Mistakes in what was asked (checkpoint, files, split): one line and exit status 2, as argparse does.
+class UsageError(ValueError):
+    pass
 
-    args = build_parser().parse_args(argv)
+
+def _load_split(args: argparse.Namespace) -> RetrievalSplit:
+    """The split to evaluate, its images checked (decoded and bad ones skipped with ``--skip-bad``)."""
+    try:
+        annotations = load_annotations(
+            args.dataset, args.data_root, annotations=args.annotations, image_root=args.image_root,
+            csv_split=args.csv_split, skip_bad=args.skip_bad,
+        )  # fmt: skip
+    except ValueError as error:  # an unknown dataset, no folder given, an unreadable annotation file
+        raise UsageError(str(error)) from error
+    present = annotations.split_names()
+    if args.split == "val" and "val" not in present and "train" in present:
+        try:
+            annotations = carve_val(annotations, args.val_fraction, args.val_seed)
+        except ValueError as error:
+            raise UsageError(f"{error} (--val-fraction {args.val_fraction})") from error
+    if args.split not in annotations.split_names():
+        raise UsageError(f"{annotations.source}: no split {args.split!r}; splits present: {annotations.split_names()}")
+    return check_images(annotations.split(args.split), args.skip_bad, decode=args.skip_bad)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Load the checkpoint and the split of ``args``, score every mode; the record ``--output-json`` writes."""
+    from msa.model import MSAModel
+
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
     overrides = {"backend": args.backend} if args.backend else {}
     model = MSAModel.from_pretrained(checkpoint, **overrides).to(device).eval()
-    annotations = load_annotations(
-        args.dataset, args.data_root, annotations=args.annotations, image_root=args.image_root,
-        csv_split=args.csv_split, skip_bad=args.skip_bad,
-    )  # fmt: skip
-    if args.split == "val" and "val" not in annotations.split_names() and "train" in annotations.split_names():
-        annotations = carve_val(annotations, args.val_fraction, args.val_seed)
-    split = check_images(annotations.split(args.split), args.skip_bad, decode=args.skip_bad)
-
+    split = _load_split(args)
     progress = None
-    if not args.no_progress:
+    if not args.no_progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         progress = tqdm
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     start = time.perf_counter()
     metrics = evaluate_model(
         model,
@@ -97,25 +119,36 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         num_workers=args.workers,
-        autocast_dtype=PRECISIONS[args.precision] if device.type == "cuda" else None,
+        autocast_dtype=autocast_dtype if device.type == "cuda" else None,
         progress=progress,
     )
-    seconds = time.perf_counter() - start
-    print(f"{checkpoint} on {split.name} {split.split}: {split.num_images} images, {split.num_captions} captions")
-    if split.skipped:
-        print(f"skipped: {split.skipped}")
-    print(metrics_table(metrics))
+    return {
+        "checkpoint": str(checkpoint),
+        "dataset": split.name,
+        "split": split.split,
+        "num_images": split.num_images,
+        "num_captions": split.num_captions,
+        "skipped": split.skipped,
+        "seconds": time.perf_counter() - start,
+        "metrics": metrics,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        record = evaluate_checkpoint(args)
+    except (UsageError, AnnotationError, ImageLoadError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"msa-eval: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{record['checkpoint']} on {record['dataset']} {record['split']}: {record['num_images']} images, "
+          f"{record['num_captions']} captions")  # fmt: skip
+    if record["skipped"]:
+        print(f"skipped: {record['skipped']}")
+    print(metrics_table(record["metrics"]))
     if args.output_json:
-        record = {
-            "checkpoint": str(checkpoint),
-            "dataset": split.name,
-            "split": split.split,
-            "num_images": split.num_images,
-            "num_captions": split.num_captions,
-            "skipped": split.skipped,
-            "seconds": seconds,
-            "metrics": metrics,
-        }
         Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

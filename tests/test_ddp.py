@@ -61,7 +61,7 @@ def _worker(rank: int, port: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    from msa.train import GlobalBatchModel
+    from msa.distributed import GlobalBatchModel
 
     images, image_ids = _global_batch()
     local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
