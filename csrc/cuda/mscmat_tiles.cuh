@@ -160,10 +160,10 @@ struct StepTiles {
 
 // One 16-byte chunk global -> shared, the first `valid` elements from src and zeros after them. src is only
 // read when valid > 0; `anywhere` is a readable address for the zero-byte copy.
-template <typename T>
-__device__ __forceinline__ void copy_chunk(T* dst, const T* src, int valid, bool async_copy, const T* anywhere) {
+template <bool kAsync, typename T>
+__device__ __forceinline__ void copy_chunk(T* dst, const T* src, int valid, const T* anywhere) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  if (async_copy) {
+  if constexpr (kAsync) {
     // valid is kVec or 0 here (Dh is a multiple of kVec).
     cp_async_16(dst, valid > 0 ? src : anywhere, valid > 0 ? 16 : 0);
   } else {
@@ -236,25 +236,44 @@ class Stager {
   }
 
  private:
+  // The copy mode is decided once per tile, outside the chunk loops, so that each loop holds one kind of copy.
+  __device__ void load_images(int stage, const StepTiles& t) {
+    if (p_.async_copy) {
+      load_images<true>(stage, t);
+    } else {
+      load_images<false>(stage, t);
+    }
+  }
+
+  __device__ void load_words(int stage, const StepTiles& t) {
+    if (p_.async_copy) {
+      load_words<true>(stage, t);
+    } else {
+      load_words<false>(stage, t);
+    }
+  }
+
   // Rows [first_image, + BI) of head h of q and u; zeros beyond Ni and Dh.
+  template <bool kAsync>
   __device__ void load_images(int stage, const StepTiles& t) {
     const int64_t base = t.first_image * p_.q_stride_i + t.h * p_.q_stride_h + image_offset_;
     T* q_dst = sm_.q(stage) + first_row_ * C::LDX + col_;
+    T* u_dst = sm_.u(stage) + first_row_ * C::LDX + col_;
     // Not unrolled: the copies do not wait for each other anyway, and unrolled address arithmetic for all
     // chunks at once spills in the backward kernels, which hold their gradient accumulators throughout.
-    T* u_dst = sm_.u(stage) + first_row_ * C::LDX + col_;
 #pragma unroll 1
     for (int c = 0; c < C::kImageChunks; ++c) {
       const bool row_ok = t.first_image + first_row_ + c * C::kRowsPerPass < p_.num_images;
       const int64_t offset = base + c * image_row_step_;
       const int valid = row_ok ? valid_cols_ : 0;
-      copy_chunk(q_dst + c * C::kRowsPerPass * C::LDX, q_ + offset, valid, p_.async_copy, q_);
-      copy_chunk(u_dst + c * C::kRowsPerPass * C::LDX, u_ + offset, valid, p_.async_copy, u_);
+      copy_chunk<kAsync>(q_dst + c * C::kRowsPerPass * C::LDX, q_ + offset, valid, q_);
+      copy_chunk<kAsync>(u_dst + c * C::kRowsPerPass * C::LDX, u_ + offset, valid, u_);
     }
   }
 
   // The word slots of texts [first_text, + BT), words [w0, w0 + LP) of head h of k and v, and keep = 1 for a
   // real, unmasked word, 0 for a masked or padding slot (whose k, v are zeros).
+  template <bool kAsync>
   __device__ void load_words(int stage, const StepTiles& t) {
     const int64_t base = t.first_text * p_.k_stride_t + t.w0 * p_.k_stride_l + t.h * p_.k_stride_h + col_;
     T* k_dst = sm_.k(stage) + col_;
@@ -267,8 +286,8 @@ class Stager {
       const bool real = text < p_.texts_per_tile && t.first_text + text < p_.num_texts && t.w0 + word < p_.num_words;
       const int64_t offset = base + text * p_.k_stride_t + word * p_.k_stride_l;
       const int valid = real ? valid_cols_ : 0;
-      copy_chunk(k_dst + slot * C::LDX, k_ + offset, valid, p_.async_copy, k_);
-      copy_chunk(v_dst + slot * C::LDX, v_ + offset, valid, p_.async_copy, v_);
+      copy_chunk<kAsync>(k_dst + slot * C::LDX, k_ + offset, valid, k_);
+      copy_chunk<kAsync>(v_dst + slot * C::LDX, v_ + offset, valid, v_);
       if (col_ == 0) {
         const bool unmasked =
             real && (mask_ == nullptr || mask_[(t.first_text + text) * p_.num_words + t.w0 + word] != 0);
