@@ -191,13 +191,14 @@ __global__ void __launch_bounds__(kThreads)
   using L = ForwardLayout<T, DP>;
   MSA_DYNAMIC_SHARED(smem_raw);
   const Smem<T, L> sm{smem_raw};
-  const int64_t image_tiles = (p.num_images + C::BI - 1) / C::BI;
-  const int64_t groups = (image_tiles + p.image_tiles_per_block - 1) / p.image_tiles_per_block;
-  const int64_t first_tile = (static_cast<int64_t>(blockIdx.x) % groups) * p.image_tiles_per_block;
-  const int64_t first_text = (static_cast<int64_t>(blockIdx.x) / groups) * p.texts_per_tile;
-  const int tiles = static_cast<int>(image_tiles - first_tile < p.image_tiles_per_block ? image_tiles - first_tile
-                                                                                        : p.image_tiles_per_block);
-  const int chunks = static_cast<int>((p.num_words + p.slots_per_text - 1) / p.slots_per_text);
+  // 32-bit division (a 64-bit one is a subroutine call): image tiles and blocks stay far below 2^32.
+  const unsigned image_tiles = static_cast<unsigned>((p.num_images + C::BI - 1) / C::BI);
+  const unsigned per_block = static_cast<unsigned>(p.image_tiles_per_block);
+  const unsigned groups = (image_tiles + per_block - 1) / per_block;
+  const int64_t first_tile = static_cast<int64_t>(blockIdx.x % groups * per_block);
+  const int64_t first_text = static_cast<int64_t>(blockIdx.x / groups) * p.texts_per_tile;
+  const int tiles = static_cast<int>(image_tiles - first_tile < per_block ? image_tiles - first_tile : per_block);
+  const int chunks = static_cast<int>((p.num_words + p.slots_per_text - 1) >> p.slots_shift);
   const auto tiles_at = [&](int64_t h, int c, int g) {
     return StepTiles{(first_tile + g) * C::BI, first_text, static_cast<int64_t>(c) * p.slots_per_text, h};
   };
@@ -299,7 +300,7 @@ __global__ void __launch_bounds__(kThreads)
   const Smem<T, L> sm{smem_raw};
   const int64_t first_image = static_cast<int64_t>(blockIdx.x) * C::BI;
   const int64_t h = blockIdx.y;
-  const int chunks = static_cast<int>((p.num_words + p.slots_per_text - 1) / p.slots_per_text);
+  const int chunks = static_cast<int>((p.num_words + p.slots_per_text - 1) >> p.slots_shift);
   const bool one_chunk = chunks == 1;
   // Per text tile: one step when the texts fit one chunk, else a statistics pass and a gradient pass.
   const int steps_per_tile = one_chunk ? 1 : 2 * chunks;
@@ -404,9 +405,9 @@ __global__ void __launch_bounds__(kThreads)
   using L = WordsGradLayout<T, DP>;
   MSA_DYNAMIC_SHARED(smem_raw);
   const Smem<T, L> sm{smem_raw};
-  const int chunks = static_cast<int>((p.num_words + p.slots_per_text - 1) / p.slots_per_text);
-  const int64_t first_text = (static_cast<int64_t>(blockIdx.x) / chunks) * p.texts_per_tile;
-  const int64_t own_w0 = (static_cast<int64_t>(blockIdx.x) % chunks) * p.slots_per_text;
+  const int chunks = static_cast<int>((p.num_words + p.slots_per_text - 1) >> p.slots_shift);
+  const int64_t first_text = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(chunks)) * p.texts_per_tile;
+  const int64_t own_w0 = static_cast<int64_t>(blockIdx.x % static_cast<unsigned>(chunks)) * p.slots_per_text;
   const int64_t h = blockIdx.y;
   const bool one_chunk = chunks == 1;
   // Per image tile: one step when the texts fit one chunk, else statistics over every chunk, then the own chunk.
