@@ -48,6 +48,8 @@ def _want_cuda() -> bool:
 
 def _nvcc_knows_sm90a() -> bool:
     # --list-gpu-arch leaves out the arch-specific targets (CUDA 13.0), so ask nvcc to plan a compile for one.
+    if CUDA_HOME is None:
+        return False
     command = [os.path.join(CUDA_HOME, "bin", "nvcc"), "--dryrun", "-gencode=arch=compute_90a,code=sm_90a"]
     command += ["-x", "cu", "-c", os.devnull, "-o", os.devnull]
     try:
