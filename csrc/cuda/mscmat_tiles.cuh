@@ -278,22 +278,34 @@ class Stager {
     const int64_t base = t.first_text * p_.k_stride_t + t.w0 * p_.k_stride_l + t.h * p_.k_stride_h + col_;
     T* k_dst = sm_.k(stage) + col_;
     T* v_dst = sm_.v(stage) + col_;
-    float* keep = sm_.keep(stage);
 #pragma unroll 1
     for (int c = 0; c < C::kWordChunks; ++c) {
       const int slot = first_row_ + c * C::kRowsPerPass;
       const int text = slot >> p_.slots_shift, word = slot & (p_.slots_per_text - 1);
-      const bool real = text < p_.texts_per_tile && t.first_text + text < p_.num_texts && t.w0 + word < p_.num_words;
       const int64_t offset = base + text * p_.k_stride_t + word * p_.k_stride_l;
-      const int valid = real ? valid_cols_ : 0;
+      const int valid = real_word(t, slot) ? valid_cols_ : 0;
       copy_chunk<kAsync>(k_dst + slot * C::LDX, k_ + offset, valid, k_);
       copy_chunk<kAsync>(v_dst + slot * C::LDX, v_ + offset, valid, v_);
-      if (col_ == 0) {
+    }
+    // The word mask after the copies are in flight, its loads unrolled: one global round trip, not one per chunk
+    // (a mask byte is needed before its store, the copies need nothing).
+    if (col_ == 0) {
+      float* keep = sm_.keep(stage);
+#pragma unroll
+      for (int c = 0; c < C::kWordChunks; ++c) {
+        const int slot = first_row_ + c * C::kRowsPerPass;
+        const int text = slot >> p_.slots_shift, word = slot & (p_.slots_per_text - 1);
         const bool unmasked =
-            real && (mask_ == nullptr || mask_[(t.first_text + text) * p_.num_words + t.w0 + word] != 0);
+            real_word(t, slot) && (mask_ == nullptr || mask_[(t.first_text + text) * p_.num_words + t.w0 + word] != 0);
         keep[slot] = unmasked ? 1.f : 0.f;
       }
     }
+  }
+
+  // Slot `slot` of the tile holds a word of a text (not padding, not beyond Nt or L).
+  __device__ bool real_word(const StepTiles& t, int slot) const {
+    const int text = slot >> p_.slots_shift, word = slot & (p_.slots_per_text - 1);
+    return text < p_.texts_per_tile && t.first_text + text < p_.num_texts && t.w0 + word < p_.num_words;
   }
 
   // Copies, not references: a reference to a kernel parameter would force it into local memory.
