@@ -4,7 +4,8 @@
 // half/bfloat16, WMMA, MSA_DYNAMIC_SHARED and cp_async_16 / cp_async_commit / cp_async_wait.
 //
 // Staging. Every thread copies the same 16-byte column chunk of a fixed set of rows of each tile, so its global
-// offsets are one 64-bit base per tile plus a row step, computed once per tile, not per element. The copies
+// offsets are one 64-bit base per tile (its thread part computed once per kernel) plus, per 16-byte chunk, a row
+// step (images) or the slot's text and word offsets (words), instead of index arithmetic per element. The copies
 // are cp.async (global -> shared without registers, zero-filled for rows beyond the tensor and columns beyond
 // Dh) and double-buffered: the tiles of the next step are in flight while the current step computes
 // (Stager::begin_step / end_step). cp.async needs 16-byte aligned addresses on both sides, so it is used when
