@@ -4,12 +4,14 @@ Knobs (environment variables):
   CUDA_HOME              the CUDA toolkit; with a CUDA build of torch, the CUDA kernels are built when it is valid
   MSA_FORCE_CUDA=1       fail instead of building CPU-only when the CUDA kernels cannot be built
   MSA_SKIP_CUDA_BUILD=1  never build the CUDA kernels
-  TORCH_CUDA_ARCH_LIST   architectures for nvcc (default: the visible GPU's, or "8.0;9.0" when none is visible)
+  TORCH_CUDA_ARCH_LIST   architectures for nvcc (default: the visible GPU's, or "8.0;9.0" when none is visible);
+                         machine code for 9.0 is built as sm_90a (Hopper's wgmma/setmaxnreg) when nvcc knows it
   MAX_JOBS, NVCC_THREADS parallelism of the build
 """
 
 import glob
 import os
+import subprocess
 import sys
 
 import torch
@@ -44,6 +46,33 @@ def _want_cuda() -> bool:
     return False
 
 
+def _nvcc_knows_sm90a() -> bool:
+    # --list-gpu-arch leaves out the arch-specific targets (CUDA 13.0), so ask nvcc to plan a compile for one.
+    if CUDA_HOME is None:
+        return False
+    command = [os.path.join(CUDA_HOME, "bin", "nvcc"), "--dryrun", "-gencode=arch=compute_90a,code=sm_90a"]
+    command += ["-x", "cu", "-c", os.devnull, "-o", os.devnull]
+    try:
+        return subprocess.run(command, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _cuda_arch_flags() -> list[str]:
+    """torch's -gencode flags for TORCH_CUDA_ARCH_LIST (or the visible GPUs), with Hopper machine code built for
+    sm_90a instead of sm_90: the same devices run it, and it may use the Hopper-only instructions. PTX requested
+    with +PTX stays compute_90, which later GPUs can still compile."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    flags = _get_cuda_arch_flags()
+    if _nvcc_knows_sm90a():
+        flags = [
+            "-gencode=arch=compute_90a,code=sm_90a" if flag == "-gencode=arch=compute_90,code=sm_90" else flag
+            for flag in flags
+        ]
+    return flags
+
+
 def _extension():
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     cxx_flags = ["-O3", *openmp]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
@@ -52,6 +81,7 @@ def _extension():
         sources += sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
         nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
         nvcc_flags += ["--threads", os.environ.get("NVCC_THREADS", "4")]
+        nvcc_flags += _cuda_arch_flags()  # torch adds none of its own when the flags name an arch
         return CUDAExtension(
             "msa._C",
             sources,

@@ -1,7 +1,9 @@
-"""The CUDA kernels (csrc/cuda/mscmat_cuda.cu) run on the CPU: tests/cuda_emulation compiles them with g++ against
-a small emulation of CUDA threads, __syncthreads and WMMA tiles, runs forward and both backward kernels for float,
-half and bfloat16, every padded head dim, chunked texts and masks, and compares with a float64 reference. This is
-how the CUDA code's indexing, tiling and synchronisation get checked on machines without a GPU."""
+"""The CUDA kernels (csrc/cuda/mscmat_tiles.cuh and mscmat_kernels.cuh, which mscmat_cuda.cu compiles) run on the
+CPU: tests/cuda_emulation compiles the same headers with g++ against a small emulation of CUDA threads,
+__syncthreads, WMMA tiles and cp.async (copies land only at the wait that covers them), runs forward and both
+backward kernels for float, half and bfloat16, every padded head dim, chunked texts, masks, NaN inputs, both
+staging modes and several image tiles per forward block, and compares with a float64 reference. This is how the
+CUDA code's indexing, tiling, pipelining and synchronisation get checked on machines without a GPU."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 EMULATION = HERE / "cuda_emulation"
-SOURCE = HERE.parent / "csrc" / "cuda" / "mscmat_cuda.cu"
+CUDA_SOURCES = HERE.parent / "csrc" / "cuda"
+SOURCE = CUDA_SOURCES / "mscmat_kernels.cuh"
 
 
 @pytest.fixture(scope="module")
@@ -41,5 +44,18 @@ def test_cuda_kernels_match_reference_under_emulation(emulator):
     assert run.returncode == 0, "\n".join(line for line in lines if not line.startswith("ok")) + run.stderr
     assert lines[-1] == "all cases match"
     # every dtype and padded head dim was exercised
-    for needle in ("f32", "f16", "bf16", "DP=32", "DP=64", "DP=128", "BT=1", "mask=all"):
+    for needle in ("f32", "f16", "bf16", "DP=32", "DP=64", "DP=128", "BT=1", "mask=all", "G=4", " nan "):
         assert any(needle in line for line in lines), needle
+    for dtype in ("f32", "f16", "bf16"):  # both staging modes for every dtype
+        for mode in ("copy=async", "copy=elements"):
+            assert any(dtype + " " in line and mode in line for line in lines), (dtype, mode)
+
+
+def test_cuda_build_compiles_the_emulated_kernels():
+    """The extension's .cu includes the very headers the emulation runs, and nothing is compiled only for one side."""
+    host = (CUDA_SOURCES / "mscmat_cuda.cu").read_text()
+    for header in ("device_primitives.cuh", "mscmat_tiles.cuh", "mscmat_kernels.cuh"):
+        assert f'#include "{header}"' in host, header
+    assert host.index('"mscmat_tiles.cuh"') < host.index('"mscmat_kernels.cuh"')
+    for path in sorted(CUDA_SOURCES.glob("*")) + sorted(EMULATION.glob("*")):
+        assert "MSA_CUDA_EMULATION" not in path.read_text(), path.name

@@ -1,17 +1,23 @@
-// Just enough of CUDA and WMMA to run csrc/cuda/mscmat_cuda.cu's kernels on a CPU, for machines without a GPU.
+// Just enough of CUDA, WMMA and cp.async to run the kernels of csrc/cuda (mscmat_tiles.cuh, mscmat_kernels.cuh)
+// on a CPU, for machines without a GPU: the CPU counterpart of csrc/cuda/device_primitives.cuh.
 //
 // A block runs as one std::thread per CUDA thread; __syncthreads() is a std::barrier of the block, and the
 // dynamic shared memory is one buffer per block. A WMMA fragment holds its whole 16x16 tile, kept by lane 0
 // of its warp only: lane 0 loads, multiplies and stores, the other lanes skip (they would compute the same),
 // which keeps the warp-collective semantics while doing the work once. Half and bfloat16 round like the GPU's
-// (_Float16, and round-to-nearest-even to the upper 16 bits of a float). What this cannot show: real races
-// between lanes of a warp, the register or shared-memory budget, and speed.
+// (_Float16, and round-to-nearest-even to the upper 16 bits of a float). cp_async_16 checks that both
+// addresses are 16-byte aligned, reads the source at once and writes shared memory only when a
+// cp_async_wait<N>() covers its group, so reading a tile before waiting for it sees stale data; a kernel that
+// ends with copies still pending is reported. What this cannot show: real races between lanes of a warp, the
+// register or shared-memory budget, and speed.
 #pragma once
 
+#include <array>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -31,10 +37,52 @@ struct dim3 {
   dim3(unsigned x_, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
 namespace cuda_emulation {
 inline thread_local std::barrier<>* current_barrier = nullptr;
 inline thread_local unsigned char* current_shared_memory = nullptr;
+
+struct PendingCopy {
+  void* dst;
+  std::array<unsigned char, 16> bytes;
+};
+inline thread_local std::vector<PendingCopy> open_copies;                    // since the last commit
+inline thread_local std::vector<std::vector<PendingCopy>> committed_copies;  // oldest group first
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda emulation: %s\n", what);
+  std::abort();
+}
 }  // namespace cuda_emulation
+
+namespace msa {
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    cuda_emulation::fail("cp.async with an address that is not 16-byte aligned");
+  }
+  if (src_bytes != 0 && src_bytes != 16) cuda_emulation::fail("cp.async source size other than 0 or 16");
+  cuda_emulation::PendingCopy copy{dst, {}};
+  std::memcpy(copy.bytes.data(), src, static_cast<size_t>(src_bytes));  // the rest stays zero
+  cuda_emulation::open_copies.push_back(copy);
+}
+
+inline void cp_async_commit() {
+  cuda_emulation::committed_copies.push_back(std::move(cuda_emulation::open_copies));
+  cuda_emulation::open_copies.clear();
+}
+
+template <int N>
+void cp_async_wait() {
+  auto& groups = cuda_emulation::committed_copies;
+  while (groups.size() > static_cast<size_t>(N)) {
+    for (const auto& copy : groups.front()) std::memcpy(copy.dst, copy.bytes.data(), copy.bytes.size());
+    groups.erase(groups.begin());
+  }
+}
+}  // namespace msa
 
 inline thread_local dim3 threadIdx;
 inline thread_local dim3 blockIdx;
@@ -145,6 +193,10 @@ void launch(void (*kernel)(Params...), dim3 grid, unsigned threads, size_t share
           current_barrier = &barrier;
           current_shared_memory = shared;
           kernel(args...);
+          bool pending = !open_copies.empty();
+          for (const auto& group : committed_copies) pending = pending || !group.empty();
+          if (pending) fail("the kernel ended with cp.async copies it never waited for");
+          committed_copies.clear();
         });
       }
       for (auto& worker : workers) worker.join();

@@ -1,11 +1,16 @@
-// Runs csrc/cuda/mscmat_cuda.cu's forward and backward kernels on the CPU (cuda_emulation.h) for float,
-// half and bfloat16 and every padded head dim, and compares scores and all four gradients with a float64
-// reference computed here from the same rounded inputs. Prints one line per case; exit status 1 on a mismatch.
+// Runs the forward and backward kernels of csrc/cuda (mscmat_tiles.cuh, mscmat_kernels.cuh: the same code the
+// CUDA build compiles) on the CPU (cuda_emulation.h) for float, half and bfloat16, every padded head dim, both
+// staging modes (cp.async and element-wise), several image tiles per forward block, masks and NaN inputs, and
+// compares scores and all four gradients with a float64 reference computed here from the same rounded inputs.
+// Prints one line per case; exit status 1 on a mismatch.
 //
 //   g++ -std=c++20 -O2 -pthread -I tests/cuda_emulation tests/cuda_emulation/run_mscmat_emulation.cpp
 
-#define MSA_CUDA_EMULATION 1
-#include "../../csrc/cuda/mscmat_cuda.cu"
+#include "cuda_emulation.h"
+// clang-format off
+#include "../../csrc/cuda/mscmat_tiles.cuh"
+#include "../../csrc/cuda/mscmat_kernels.cuh"
+// clang-format on
 
 #include <algorithm>
 #include <cstdio>
@@ -19,7 +24,10 @@ using msa::Shape;
 struct Case {
   const char* dtype;
   int64_t ni, nt, length, heads, head_dim;
-  const char* mask;  // "none", "random", "masked-texts", "all"
+  const char* mask;          // "none", "random", "masked-texts", "all"
+  int images_per_block = 1;  // forward: image tiles per block
+  bool misaligned = false;   // q, u, k, v start one element past a 16-byte boundary: element-wise staging
+  bool nan = false;          // one element of q is NaN: its image's scores and gradients must be NaN
 };
 
 template <typename T>
@@ -59,7 +67,7 @@ Reference reference(const std::vector<double>& q, const std::vector<double>& u, 
       for (int64_t h = 0; h < H; ++h) {
         const double* qi = &q[(i * H + h) * D];
         const double* ui = &u[(i * H + h) * D];
-        double max_logit = -INFINITY;
+        double max_logit = -INFINITY;  // NaN when a valid logit is NaN, as torch's softmax
         for (int64_t l = 0; l < L; ++l) {
           const double* kj = &k[((j * L + l) * H + h) * D];
           const double* vj = &v[((j * L + l) * H + h) * D];
@@ -71,7 +79,7 @@ Reference reference(const std::vector<double>& q, const std::vector<double>& u, 
           const bool valid = !has_mask || mask[j * L + l] != 0;
           s[l] = valid ? dot_qk * scale : -INFINITY;
           r[l] = dot_uv;
-          max_logit = std::max(max_logit, s[l]);
+          if (std::isnan(s[l]) || s[l] > max_logit) max_logit = s[l];
         }
         if (max_logit == -INFINITY) continue;
         double den = 0, o = 0;
@@ -95,11 +103,15 @@ Reference reference(const std::vector<double>& q, const std::vector<double>& u, 
   return out;
 }
 
+// Largest error relative to the largest magnitude; infinite where exactly one of got and want is NaN.
 template <typename T>
-double max_relative_error(const std::vector<T>& got, const std::vector<double>& want) {
+double max_relative_error(const T* got, const std::vector<double>& want) {
   double error = 0, magnitude = 1.0;
   for (size_t n = 0; n < want.size(); ++n) {
-    error = std::max(error, std::abs(to_d(got[n]) - want[n]));
+    const double value = to_d(got[n]);
+    if (std::isnan(value) != std::isnan(want[n])) return INFINITY;
+    if (std::isnan(value)) continue;
+    error = std::max(error, std::abs(value - want[n]));
     magnitude = std::max(magnitude, std::abs(want[n]));
   }
   return error / magnitude;
@@ -123,6 +135,11 @@ bool run_case(const Case& c, std::mt19937& rng) {
   random_tensor(c.ni * c.heads * c.head_dim, u, ud);
   random_tensor(c.nt * c.length * c.heads * c.head_dim, k, kd);
   random_tensor(c.nt * c.length * c.heads * c.head_dim, v, vd);
+  const int64_t nan_image = c.ni / 2;
+  if (c.nan) {
+    q[nan_image * c.heads * c.head_dim + c.head_dim - 1] = from_f<T>(NAN);
+    qd[nan_image * c.heads * c.head_dim + c.head_dim - 1] = NAN;
+  }
   const std::string mask_kind = c.mask;
   const bool has_mask = mask_kind != "none";
   std::vector<uint8_t> mask(c.nt * c.length, 1);
@@ -139,6 +156,18 @@ bool run_case(const Case& c, std::mt19937& rng) {
   for (size_t n = 0; n < g.size(); ++n) g[n] = g32[n] = normal(rng);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
 
+  // The kernels' view of the inputs and gradients: one element past the (16-byte aligned) start of their
+  // storage when the case is misaligned.
+  const size_t shift = c.misaligned ? 1 : 0;
+  const auto placed = [&](const std::vector<T>& values) {
+    std::vector<T> storage(values.size() + 1, from_f<T>(0.f));
+    std::copy(values.begin(), values.end(), storage.begin() + shift);
+    return storage;
+  };
+  std::vector<T> q_in = placed(q), u_in = placed(u), k_in = placed(k), v_in = placed(v);
+  std::vector<T> scores(c.ni * c.nt + 1, from_f<T>(0.f)), dq_out = placed(std::vector<T>(q.size(), from_f<T>(0.f)));
+  std::vector<T> du_out = dq_out, dk_out = placed(std::vector<T>(k.size(), from_f<T>(0.f))), dv_out = dk_out;
+
   Shape p{};
   p.num_images = c.ni;
   p.num_texts = c.nt;
@@ -151,48 +180,57 @@ bool run_case(const Case& c, std::mt19937& rng) {
   p.k_stride_l = c.heads * c.head_dim;
   p.k_stride_h = c.head_dim;
   p.scale = static_cast<float>(scale);
+  p.image_tiles_per_block = c.images_per_block;
   msa::set_slots<T, DP>(p);
+  const T *qp = q_in.data() + shift, *up = u_in.data() + shift, *kp = k_in.data() + shift, *vp = v_in.data() + shift;
+  msa::choose_copy_mode<T>(p, qp, up, kp, vp);
   const uint8_t* mask_ptr = has_mask ? mask.data() : nullptr;
 
-  std::vector<T> scores(c.ni * c.nt, from_f<T>(0.f));
   const int64_t image_tiles = (c.ni + C::BI - 1) / C::BI;
+  const int64_t image_groups = (image_tiles + c.images_per_block - 1) / c.images_per_block;
   const int64_t text_tiles = (c.nt + p.texts_per_tile - 1) / p.texts_per_tile;
-  cuda_emulation::launch(msa::mscmat_scores_fwd_kernel<T, DP>, dim3(image_tiles * text_tiles), msa::kThreads,
-                         C::kBytes, q.data(), u.data(), k.data(), v.data(), mask_ptr, scores.data(), p);
-
-  std::vector<T> dq(q.size(), from_f<T>(0.f)), du(u.size(), from_f<T>(0.f)), dk(k.size(), from_f<T>(0.f)),
-      dv(v.size(), from_f<T>(0.f));
+  cuda_emulation::launch(msa::mscmat_scores_fwd_kernel<T, DP>, dim3(image_groups * text_tiles), msa::kThreads,
+                         msa::ForwardLayout<T, DP>::kBytes, qp, up, kp, vp, mask_ptr, scores.data(), p);
+  p.image_tiles_per_block = 1;
   cuda_emulation::launch(msa::mscmat_scores_bwd_images_kernel<T, DP>, dim3(image_tiles, c.heads), msa::kThreads,
-                         C::kBytes, q.data(), u.data(), k.data(), v.data(), mask_ptr, g32.data(), dq.data(),
-                         du.data(), p);
+                         msa::ImagesGradLayout<T, DP>::kBytes, qp, up, kp, vp, mask_ptr, g32.data(),
+                         dq_out.data() + shift, du_out.data() + shift, p);
   const int64_t chunks = (c.length + p.slots_per_text - 1) / p.slots_per_text;
-  cuda_emulation::launch(msa::mscmat_scores_bwd_words_kernel<T, DP>, dim3(text_tiles * chunks, c.heads),
-                         msa::kThreads, C::kBytes, q.data(), u.data(), k.data(), v.data(), mask_ptr, g32.data(),
-                         dk.data(), dv.data(), p);
+  cuda_emulation::launch(msa::mscmat_scores_bwd_words_kernel<T, DP>, dim3(text_tiles * chunks, c.heads), msa::kThreads,
+                         msa::WordsGradLayout<T, DP>::kBytes, qp, up, kp, vp, mask_ptr, g32.data(),
+                         dk_out.data() + shift, dv_out.data() + shift, p);
+  // Nothing written outside the outputs: the element before (misaligned) or after them is still zero.
+  bool ok = to_d(scores.back()) == 0.0 && to_d(dq_out[shift ? 0 : q.size()]) == 0.0 &&
+            to_d(dk_out[shift ? 0 : k.size()]) == 0.0;
 
   const Reference want = reference(qd, ud, kd, vd, mask, has_mask, g, c, scale);
-  const double errors[5] = {max_relative_error(scores, want.scores), max_relative_error(dq, want.dq),
-                            max_relative_error(du, want.du), max_relative_error(dk, want.dk),
-                            max_relative_error(dv, want.dv)};
+  const double errors[5] = {
+      max_relative_error(scores.data(), want.scores), max_relative_error(dq_out.data() + shift, want.dq),
+      max_relative_error(du_out.data() + shift, want.du), max_relative_error(dk_out.data() + shift, want.dk),
+      max_relative_error(dv_out.data() + shift, want.dv)};
   // Errors relative to the largest magnitude: float32 accumulation of rounded products, and for half and
   // bfloat16 the rounding of dS and dR before their products plus the output's own rounding.
   const double tolerance = std::is_same_v<T, float> ? 1e-4 : (std::is_same_v<T, __half> ? 2e-3 : 1.6e-2);
-  bool ok = true;
   for (double e : errors) ok = ok && e <= tolerance;
   if (mask_kind == "all") {
     for (const T& s : scores) ok = ok && to_d(s) == 0.0;
+  }
+  if (c.nan) {  // the NaN image's row is NaN (the comparison above checked where), and nothing else
+    for (int64_t j = 0; j < c.nt; ++j) ok = ok && std::isnan(to_d(scores[nan_image * c.nt + j]));
+    for (int64_t n = 0; n < c.ni * c.nt; ++n) ok = ok && (n / c.nt == nan_image || !std::isnan(to_d(scores[n])));
   }
   if (mask_kind == "masked-texts") {
     for (int64_t i = 0; i < c.ni; ++i) {
       for (int64_t j = 1; j < c.nt; j += 3) ok = ok && to_d(scores[i * c.nt + j]) == 0.0;
     }
   }
-  std::printf("%s %-5s Ni=%lld Nt=%lld L=%lld H=%lld Dh=%lld DP=%d LP=%d BT=%d mask=%s | rel err scores %.2e "
-              "dq %.2e du %.2e dk %.2e dv %.2e (tol %.0e)\n",
-              ok ? "ok  " : "FAIL", c.dtype, static_cast<long long>(c.ni), static_cast<long long>(c.nt),
-              static_cast<long long>(c.length), static_cast<long long>(c.heads), static_cast<long long>(c.head_dim),
-              DP, p.slots_per_text, p.texts_per_tile, c.mask, errors[0], errors[1], errors[2], errors[3], errors[4],
-              tolerance);
+  std::printf(
+      "%s %-5s Ni=%lld Nt=%lld L=%lld H=%lld Dh=%lld DP=%d LP=%d BT=%d G=%d copy=%s mask=%s%s | rel err "
+      "scores %.2e dq %.2e du %.2e dk %.2e dv %.2e (tol %.0e)\n",
+      ok ? "ok  " : "FAIL", c.dtype, static_cast<long long>(c.ni), static_cast<long long>(c.nt),
+      static_cast<long long>(c.length), static_cast<long long>(c.heads), static_cast<long long>(c.head_dim), DP,
+      p.slots_per_text, p.texts_per_tile, c.images_per_block, p.async_copy ? "async" : "elements", c.mask,
+      c.nan ? " nan" : "", errors[0], errors[1], errors[2], errors[3], errors[4], tolerance);
   return ok;
 }
 
@@ -207,13 +245,30 @@ bool run_for_head_dim(const Case& c, std::mt19937& rng) {
 
 int main() {
   // Tiles: 64 images x 64 word slots (half, bfloat16), 32 x 32 (float); slots per text 16..BN, longer texts in
-  // chunks. The cases cut both tiles, chunk the texts (float L > 32, half L > 64), pad Dh, and mask.
+  // chunks. The cases cut both tiles, chunk the texts (float L > 32, half L > 64), pad Dh, mask, give forward
+  // blocks several image tiles (the last group short), stage element-wise (misaligned starts, Dh not a
+  // multiple of 16 bytes) and feed NaN.
+  // {dtype, Ni, Nt, L, H, Dh, mask, image tiles per forward block, misaligned, nan}
   const Case cases[] = {
-      {"f32", 37, 7, 12, 2, 32, "random"},         {"f32", 33, 5, 40, 1, 64, "masked-texts"},
-      {"f32", 5, 3, 3, 2, 128, "none"},            {"f32", 4, 4, 5, 1, 24, "all"},
-      {"f16", 70, 9, 19, 2, 32, "masked-texts"},   {"f16", 65, 3, 77, 1, 64, "random"},
-      {"f16", 20, 5, 30, 1, 128, "none"},          {"bf16", 70, 9, 7, 2, 48, "random"},
-      {"bf16", 9, 4, 70, 1, 32, "masked-texts"},   {"bf16", 16, 3, 16, 1, 128, "all"},
+      {"f32", 37, 7, 12, 2, 32, "random"},
+      {"f32", 33, 5, 40, 1, 64, "masked-texts", 2},
+      {"f32", 5, 3, 3, 2, 128, "none"},
+      {"f32", 4, 4, 5, 1, 24, "all"},
+      {"f32", 70, 4, 40, 2, 30, "random", 4},
+      {"f32", 20, 4, 40, 1, 32, "none", 2, false, true},
+      {"f16", 70, 9, 19, 2, 32, "masked-texts"},
+      {"f16", 65, 3, 77, 1, 64, "random"},
+      {"f16", 20, 5, 30, 1, 128, "none"},
+      {"f16", 150, 5, 19, 1, 64, "masked-texts", 2},
+      {"f16", 140, 3, 77, 1, 64, "random", 4},
+      {"f16", 30, 4, 12, 2, 64, "random", 1, true},
+      {"bf16", 70, 9, 7, 2, 48, "random"},
+      {"bf16", 9, 4, 70, 1, 32, "masked-texts"},
+      {"bf16", 16, 3, 16, 1, 128, "all"},
+      {"bf16", 200, 9, 32, 2, 64, "random", 4},
+      {"bf16", 40, 5, 10, 2, 20, "masked-texts", 2},
+      {"bf16", 40, 5, 10, 2, 64, "none", 1, false, true},
+      {"bf16", 70, 3, 70, 1, 128, "random", 2, true},
   };
   std::mt19937 rng(0);
   bool all_ok = true;
