@@ -60,23 +60,23 @@ class Spec:
 
 
 def _block_l(num_words: int) -> int:
-    from msa.kernels.configs import MAX_BLOCK_L
+    from msa.kernels.configs import MAX_BLOCK_L, MIN_PRODUCT_WORDS
 
-    return min(1 << max(num_words - 1, 0).bit_length(), MAX_BLOCK_L)
+    return min(max(1 << max(num_words - 1, 0).bit_length(), MIN_PRODUCT_WORDS), MAX_BLOCK_L)
 
 
 def _specs_for(dtype: str, num_words: int, head_dim: int, has_mask: bool, every_tile: bool) -> list[Spec]:
     """The specialisations one call of the op (forward and backward) compiles for these inputs."""
     import torch
 
-    from msa.kernels.configs import BWD_TILES, FWD_TILES, fitting_tiles
+    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, fitting_tiles
 
     block_l = _block_l(num_words)
     torch_dtype = getattr(torch, DTYPES[dtype])
     one_chunk = num_words <= block_l
     block_d = Spec("fwd", dtype, block_l, head_dim, has_mask, one_chunk, (0, 0, 0, 0)).block_d
     specs = []
-    for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_TILES), ("bwd_words", BWD_TILES)):
+    for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_IMAGES_TILES), ("bwd_words", BWD_WORDS_TILES)):
         fitting = fitting_tiles(tiles, torch_dtype, block_l, block_d, kernel)
         for tile in fitting if every_tile else fitting[:1]:
             specs.append(Spec(kernel, dtype, block_l, head_dim, has_mask, one_chunk, tile))
@@ -106,18 +106,17 @@ def launched_specs() -> list[Spec]:
 
 
 def report_specs() -> list[Spec]:
-    """Every kernel x every config of its table, at the benchmark's L = 32 and Dh = 64 and 128 (bf16, fp16,
-    and fp32 at Dh = 64), and the default tiles of long (chunked) texts."""
-    from msa.kernels.configs import BWD_TILES, FWD_TILES
+    """Every kernel x every config of its table for bf16 at the benchmark's L = 32 and Dh = 64; the default tiles
+    for Dh = 128, for fp16 and fp32, and for long (chunked) texts."""
+    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES
 
     specs = []
-    for dtype, head_dims in (("bf16", (64, 128)), ("fp16", (64, 128)), ("fp32", (64,))):
-        kind = "fp32" if dtype == "fp32" else "low"
-        for head_dim in head_dims:
-            for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_TILES), ("bwd_words", BWD_TILES)):
-                specs += [Spec(kernel, dtype, 32, head_dim, False, True, tile) for tile in tiles[kind]]
-    specs += _specs_for("bf16", 150, 64, True, every_tile=False)
-    return specs
+    for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_IMAGES_TILES), ("bwd_words", BWD_WORDS_TILES)):
+        specs += [Spec(kernel, "bf16", 32, 64, False, True, tile) for tile in tiles["low"]]
+    for dtype, num_words, head_dim, has_mask in (("bf16", 32, 128, False), ("fp16", 32, 64, False),
+                                                 ("fp32", 32, 64, False), ("bf16", 150, 64, True)):  # fmt: skip
+        specs += _specs_for(dtype, num_words, head_dim, has_mask, every_tile=False)
+    return list(dict.fromkeys(specs))
 
 
 def _kernel_fn(kernel: str):
@@ -131,7 +130,7 @@ def _kernel_fn(kernel: str):
 
 
 def _signature(fn, spec: Spec, constexprs: dict) -> dict:
-    pointers = {"Q", "U", "K", "V", "Out", "Grad", "DQ", "DU", "DK", "DV"}
+    pointers = {"Q", "U", "K", "V", "Out", "GradT", "DQ", "DU", "DK", "DV"}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -191,7 +190,7 @@ def compile_spec(spec: Spec) -> dict:
     constexprs = {
         "HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "BLOCK_L": spec.block_l, "HAS_MASK": spec.has_mask,
         "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
-        "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n,
+        "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n, "BLOCK_T": block_n,
     }  # fmt: skip
     if "GROUP_I" in fn.arg_names:
         constexprs["GROUP_I"] = 8
@@ -234,7 +233,8 @@ def markdown(rows: list[dict], title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        "| kernel | dtype | L block | Dh | mask | one chunk | BLOCK_I | BLOCK_N | warps | stages | registers "
+        "| kernel | dtype | L block | Dh | mask | one chunk | BLOCK_I | BLOCK_T (fwd) / BLOCK_N | warps | stages "
+        "| registers "
         "| spill st/ld B | shared KB | CTAs/SM | mma |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

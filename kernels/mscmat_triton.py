@@ -13,7 +13,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from msa._autograd import register_scores_autograd
-from msa.kernels.configs import INTERPRET, MAX_BLOCK_L
+from msa.kernels.configs import INTERPRET, MAX_BLOCK_L, MIN_PRODUCT_WORDS
 from msa.kernels.mscmat_kernels import (
     mscmat_scores_bwd_images_kernel,
     mscmat_scores_bwd_words_kernel,
@@ -25,8 +25,10 @@ LOG2_E = math.log2(math.e)
 
 
 def _block_sizes(num_words: int, head_dim: int) -> tuple[int, int]:
-    block_l = min(triton.next_power_of_2(max(num_words, 1)), MAX_BLOCK_L)
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+    """Words per product (a power of two, at least MIN_PRODUCT_WORDS, at most MAX_BLOCK_L: longer texts are
+    walked in chunks) and the head dim padded to a power of two (tl.dot needs K >= 16)."""
+    block_l = min(max(triton.next_power_of_2(max(num_words, 1)), MIN_PRODUCT_WORDS), MAX_BLOCK_L)
+    block_d = max(16, triton.next_power_of_2(head_dim))
     return block_l, block_d
 
 
@@ -75,7 +77,7 @@ def _mscmat_scores_triton_op(
     block_l, block_d = _block_sizes(num_words, head_dim)
 
     def grid(meta):
-        return (triton.cdiv(num_images, meta["BLOCK_I"]) * triton.cdiv(num_texts, meta["BLOCK_N"] // block_l),)
+        return (triton.cdiv(num_images, meta["BLOCK_I"]) * triton.cdiv(num_texts, meta["BLOCK_T"]),)
 
     wrap_triton(mscmat_scores_fwd_kernel)[grid](
         q, u, k, v, mask, out,
@@ -117,22 +119,21 @@ def _mscmat_scores_triton_backward_op(
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask,
                   INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype),
                   ONE_CHUNK=num_words <= block_l)  # fmt: skip
+    # Transposed, a text's column of the gradient is one contiguous row: both kernels read it per text.
+    grad_t = grad_scores.t().contiguous()
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), mask_strides[0], mask_strides[1],
-               grad_scores.stride(0), grad_scores.stride(1))  # fmt: skip
+               grad_t.stride(0))  # fmt: skip
     sizes = (num_images, num_texts, num_words, heads, scale, scale * LOG2_E)
 
     def images_grid(meta):
         return (triton.cdiv(num_images, meta["BLOCK_I"]), heads)
 
-    def words_grid(meta):
-        text_tiles = triton.cdiv(num_texts, meta["BLOCK_N"] // block_l)
-        return (text_tiles * triton.cdiv(num_words, block_l), heads)
-
+    words_grid = (num_texts * triton.cdiv(num_words, block_l), heads)
     wrap_triton(mscmat_scores_bwd_images_kernel)[images_grid](
-        q, u, k, v, mask, grad_scores, dq, du, *strides, *sizes, **common
+        q, u, k, v, mask, grad_t, dq, du, *strides, *sizes, **common
     )
     wrap_triton(mscmat_scores_bwd_words_kernel)[words_grid](
-        q, u, k, v, mask, grad_scores, dk, dv, *strides, *sizes, **common
+        q, u, k, v, mask, grad_t, dk, dv, *strides, *sizes, **common
     )
     return dq, du, dk, dv
 
