@@ -27,7 +27,7 @@ MIN_PRODUCT_WORDS = 16
 SHARED_MEMORY_BUDGET = 200 * 1024
 # float32 tile values per thread that stay in registers (255 per thread at most; addresses, masks and the
 # softmax statistics need the rest). Calibrated on the sm_90 compile report (benchmarks/kernel_report.py).
-REGISTER_TILE_BUDGET = 128
+REGISTER_TILE_BUDGET = 160
 WARP_SIZE = 32
 
 Tile = tuple[int, int, int, int]
@@ -102,14 +102,13 @@ def tile_fits(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: 
 
 
 def fitting_tiles(tiles: dict[str, list[Tile]], dtype: torch.dtype, block_l: int, block_d: int, role: str):
-    """The tiles of ``tiles`` for ``dtype`` that fit, in order of preference; never empty (the smallest tile of
-    the list is kept when none fits, so that a launch always has a config)."""
+    """The tiles of ``tiles`` for ``dtype`` that fit, in order of preference; never empty: when none fits (long
+    texts at a large Dh) the first of the list runs, with spills, rather than a small tile that would give up
+    wgmma (64 rows per warpgroup) as well."""
     wanted = tiles["fp32" if dtype == torch.float32 else "low"]
     element_bytes = torch.finfo(dtype).bits // 8
     kept = [tile for tile in wanted if tile_fits(tile, block_l, block_d, element_bytes, role)]
-    if kept:
-        return kept
-    return [min(wanted, key=lambda tile: (tile[0] * tile[1], tile[3]))]
+    return kept or wanted[:1]
 
 
 def pruner(tiles: dict[str, list[Tile]], role: str):
