@@ -173,16 +173,21 @@ def _product_grads(e, r, inv_den, head_out, g, scale):
 @triton.jit
 def mscmat_scores_bwd_images_kernel(
     Q, U, K, V, Mask, GradT, DQ, DU,
-    stride_qi, stride_qh, stride_kt, stride_kl, stride_kh, stride_mt, stride_ml, stride_gt,
-    Ni, Nt, L, H, scale, scale_log2,
+    stride_qi, stride_qh, stride_kt, stride_kl, stride_kh, stride_mt, stride_ml, stride_gt, stride_split,
+    Ni, Nt, L, H, scale, scale_log2, texts_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
     """dq = dS K and du = dR V of one image tile and one head: q, u stay, the texts stream past them one per step
     (the pipelined loop). GradT is the incoming gradient transposed, [Nt, Ni], so that a text's column of it is
-    one contiguous load; dq, du have q's contiguous [Ni, H, Dh] layout."""
+    one contiguous load; dq, du have q's contiguous [Ni, H, Dh] layout. Grid: image tiles x heads x text splits;
+    with several splits each program sums texts_per_split texts into its own float32 slice of DQ, DU
+    ([splits, Ni, H, Dh], stride_split apart), which the caller adds up: at training sizes (Ni = 128) the image
+    tiles and heads alone make too few programs for the SMs."""
     tile_i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    first_text = split * texts_per_split
     rows_i = tl.arange(0, BLOCK_I)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
@@ -194,13 +199,13 @@ def mscmat_scores_bwd_images_kernel(
     image_base = tile_i * BLOCK_I * stride_qi + h * stride_qh
     q = tl.load(Q + image_base + image_tile, mask=image_ok, other=0.0)
     u = tl.load(U + image_base + image_tile, mask=image_ok, other=0.0)
-    G_text = GradT + tile_i * BLOCK_I
-    K_text = K + h * stride_kh
-    V_text = V + h * stride_kh
-    Mask_text = Mask
+    G_text = GradT + first_text * stride_gt + tile_i * BLOCK_I
+    K_text = K + first_text * stride_kt + h * stride_kh
+    V_text = V + first_text * stride_kt + h * stride_kh
+    Mask_text = Mask + first_text * stride_mt
     dq = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
     du = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-    for _ in range(Nt):
+    for _ in range(first_text, tl.minimum(first_text + texts_per_split, Nt)):
         g = tl.load(G_text + rows_i, mask=rows_ok, other=0.0).to(tl.float32)
         if ONE_CHUNK:
             in_bounds, valid = chunk_rows(Mask_text + offs_l * stride_ml, True, offs_l, L, HAS_MASK)
@@ -235,8 +240,9 @@ def mscmat_scores_bwd_images_kernel(
         K_text += stride_kt
         V_text += stride_kt
         Mask_text += stride_mt
-    tl.store(DQ + image_base + image_tile, dq.to(DQ.dtype.element_ty), mask=image_ok)
-    tl.store(DU + image_base + image_tile, du.to(DU.dtype.element_ty), mask=image_ok)
+    out_base = split * stride_split + image_base
+    tl.store(DQ + out_base + image_tile, dq.to(DQ.dtype.element_ty), mask=image_ok)
+    tl.store(DU + out_base + image_tile, du.to(DU.dtype.element_ty), mask=image_ok)
 
 
 @triton.autotune(

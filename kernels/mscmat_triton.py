@@ -22,6 +22,9 @@ from msa.kernels.mscmat_kernels import (
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2_E = math.log2(math.e)
+# Programs the dq/du kernel should have at least (two per SM of a 132-SM H100), counted with 64-image tiles.
+BACKWARD_PROGRAMS = 264
+IMAGES_PER_SPLIT_ESTIMATE = 64
 
 
 def _block_sizes(num_words: int, head_dim: int) -> tuple[int, int]:
@@ -30,6 +33,15 @@ def _block_sizes(num_words: int, head_dim: int) -> tuple[int, int]:
     block_l = min(max(triton.next_power_of_2(max(num_words, 1)), MIN_PRODUCT_WORDS), MAX_BLOCK_L)
     block_d = max(16, triton.next_power_of_2(head_dim))
     return block_l, block_d
+
+
+def _text_splits(num_images: int, num_texts: int, heads: int) -> tuple[int, int]:
+    """(splits, texts per split) of the dq/du kernel's text loop: enough programs for BACKWARD_PROGRAMS (two per
+    SM of an H100) when image tiles x heads fall short, as at training sizes; one split (no workspace) otherwise."""
+    programs = triton.cdiv(num_images, IMAGES_PER_SPLIT_ESTIMATE) * heads
+    splits = max(1, min(num_texts, triton.cdiv(BACKWARD_PROGRAMS, programs)))
+    texts_per_split = triton.cdiv(num_texts, splits)
+    return triton.cdiv(num_texts, texts_per_split), texts_per_split
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -124,14 +136,23 @@ def _mscmat_scores_triton_backward_op(
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), mask_strides[0], mask_strides[1],
                grad_t.stride(0))  # fmt: skip
     sizes = (num_images, num_texts, num_words, heads, scale, scale * LOG2_E)
+    splits, texts_per_split = _text_splits(num_images, num_texts, heads)
+    if splits == 1:
+        dq_parts, du_parts = dq, du
+    else:
+        dq_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
+        du_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
 
     def images_grid(meta):
-        return (triton.cdiv(num_images, meta["BLOCK_I"]), heads)
+        return (triton.cdiv(num_images, meta["BLOCK_I"]), heads, splits)
 
-    words_grid = (num_texts * triton.cdiv(num_words, block_l), heads)
     wrap_triton(mscmat_scores_bwd_images_kernel)[images_grid](
-        q, u, k, v, mask, grad_t, dq, du, *strides, *sizes, **common
+        q, u, k, v, mask, grad_t, dq_parts, du_parts, *strides, q.numel(), *sizes, texts_per_split, **common
     )
+    if splits > 1:
+        dq.copy_(dq_parts.sum(0))
+        du.copy_(du_parts.sum(0))
+    words_grid = (num_texts * triton.cdiv(num_words, block_l), heads)
     wrap_triton(mscmat_scores_bwd_words_kernel)[words_grid](
         q, u, k, v, mask, grad_t, dk, dv, *strides, *sizes, **common
     )
