@@ -1,89 +1,178 @@
 #!/usr/bin/env bash
 # One prepared GPU check of msa's kernels, for a bare CUDA machine with torch and triton installed and no
-# internet. Builds the extension with its CUDA kernels, runs the GPU tests (parity of every dtype and gradient,
-# opcheck, torch.compile, 64-bit sizes), then the benchmark, and writes every result into OUT_DIR:
+# internet. Every phase has its own time limit and writes its results into OUT_DIR as it goes; a phase that fails
+# or runs out is recorded and the next one still runs; a summary table is printed last.
 #
-#   benchmarks/device_check.sh OUT_DIR
+#   benchmarks/device_check.sh OUT_DIR              phases (a)-(f), at most 8 minutes
+#   benchmarks/device_check.sh --quick OUT_DIR      phases (a)-(c), at most 3 minutes
+#   benchmarks/device_check.sh --dry-run OUT_DIR    on a machine without a GPU (CI): phase (a) for sm_90, the
+#                                                   backends line, and an offline sm_90 compile of every Triton
+#                                                   specialisation the GPU tests and benchmarks launch
 #
-#   OUT_DIR/environment.txt        nvidia-smi, python, torch, triton, nvcc, git sha, phase timings
-#   OUT_DIR/build.log              the extension build
-#   OUT_DIR/gpu_tests.log          pytest on tests/test_ops_gpu.py (+ the CPU op tests, which still run)
-#   OUT_DIR/bench_gpu_targets_*    benchmarks/bench_gpu_targets.py: the issue's targets (md + json)
-#   OUT_DIR/bench_mscmat_*         benchmarks/bench_mscmat.py on this card (md + json)
+#   (a) build       pip install -e . with the CUDA kernels, as a user would     OUT_DIR/build.log
+#   (b) smoke       every backend x dtype, one odd shape, fwd + grads vs f64     OUT_DIR/smoke.{log,jsonl}
+#   (c) targets     benchmarks/bench_gpu_targets.py (bf16)                      OUT_DIR/bench_gpu_targets_*
+#   (d) tests       pytest -v tests/test_ops_gpu.py, API-risk tests first       OUT_DIR/gpu_tests*.log
+#   (e) profile     ncu of the forward and backward kernels at the target shape OUT_DIR/ncu_*.txt
+#   (f) benchmark   benchmarks/bench_mscmat.py (bf16 first)                     OUT_DIR/bench_mscmat_*
+#   OUT_DIR/environment.txt: card, versions, toolkit, `backends on cuda: [...]`, phase log; OUT_DIR/summary.md.
 #
-# Each phase has its own time limit so that the whole run stays inside 8 minutes; a phase that runs out is
-# reported in environment.txt and the next one still runs. Knobs: PYTHON (default python3),
-# TORCH_CUDA_ARCH_LIST (default: this card's), BUILD_SECONDS, TEST_SECONDS, TARGETS_SECONDS, BENCH_SECONDS.
+# The CUDA toolkit is the first folder holding include/cuda_runtime.h among: $CUDA_HOME, the TOP that
+# `nvcc --dryrun` reports (nvcc on PATH may be a wrapper script), torch's own CUDA_HOME, /usr/local/cuda.
+# Knobs: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this card's; 9.0 for --dry-run),
+# {BUILD,SMOKE,TARGETS,TEST,PROFILE,BENCH,COMPILE}_SECONDS (phase limits; their defaults add up to 8 minutes,
+# 3 with --quick, whose build is usually the incremental rebuild of an earlier run).
 set -uo pipefail
 
-out=${1:?usage: benchmarks/device_check.sh OUT_DIR}
+mode=full
+case "${1:-}" in
+  --quick) mode=quick; shift ;;
+  --dry-run) mode=dry-run; shift ;;
+esac
+out=${1:?usage: benchmarks/device_check.sh [--quick | --dry-run] OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+case $mode in
+  quick) : "${BUILD_SECONDS:=85}" "${SMOKE_SECONDS:=35}" "${TARGETS_SECONDS:=50}" ;;
+  dry-run) : "${BUILD_SECONDS:=900}" ;;  # two CPU cores of a CI machine, no GPU: no hurry
+  *) : "${BUILD_SECONDS:=120}" "${SMOKE_SECONDS:=45}" "${TARGETS_SECONDS:=90}" ;;
+esac
+: "${TEST_SECONDS:=55}" "${PROFILE_SECONDS:=30}" "${BENCH_SECONDS:=40}" "${COMPILE_SECONDS:=1500}"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 started=$SECONDS
-status=0
 env_file="$out/environment.txt"
+summary=()
+failed=0
 
 note() { echo "[device_check +$((SECONDS - started))s] $*" | tee -a "$env_file"; }
 
+# run_phase NAME LIMIT_SECONDS LOG COMMAND...: runs COMMAND under its limit with output into LOG, records the row.
+run_phase() {
+  local name=$1 limit=$2 log=$3 begin=$SECONDS rc
+  shift 3
+  note "phase $name (limit ${limit}s)"
+  PYTHONUNBUFFERED=1 timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  local state=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then state="TIMED OUT"; elif [ "$rc" -ne 0 ]; then state="FAILED ($rc)"; fi
+  [ "$state" = ok ] || failed=1
+  summary+=("| $name | $state | $((SECONDS - begin)) | $(basename "$log") |")
+  note "phase $name: $state after $((SECONDS - begin))s"
+  return "$rc"
+}
+
+cuda_home_candidates() {
+  [ -n "${CUDA_HOME:-}" ] && echo "$CUDA_HOME"
+  if command -v nvcc >/dev/null 2>&1; then
+    nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1
+  fi
+  "$py" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null
+  echo /usr/local/cuda
+}
+
+find_cuda_home() {
+  local candidate
+  while read -r candidate; do
+    if [ -n "$candidate" ] && [ -f "$candidate/include/cuda_runtime.h" ]; then
+      (cd "$candidate" && pwd -P)
+      return 0
+    fi
+  done < <(cuda_home_candidates)
+  return 1
+}
+
+# --- environment -------------------------------------------------------------------------------------------
 {
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+  echo "mode: $mode, git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
   "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0))" 2>&1
+'| triton', triton.__version__, '| torch cuda', torch.version.cuda, '| gpu', \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
   nvcc --version 2>&1 | tail -n 1
 } >"$env_file"
 
-# --- build: the CUDA kernels for this card only (one architecture keeps nvcc near a minute) ---------------
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+# --- (a) build ---------------------------------------------------------------------------------------------
+if CUDA_HOME=$(find_cuda_home); then
+  export CUDA_HOME
+else
+  note "no CUDA toolkit found (no include/cuda_runtime.h under \$CUDA_HOME, nvcc's TOP, torch's CUDA_HOME or /usr/local/cuda)"
+  unset CUDA_HOME
 fi
-arch=${TORCH_CUDA_ARCH_LIST:-$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
-export CUDA_HOME MSA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-8}
-note "building msa._C with CUDA kernels for arch $arch (CUDA_HOME=${CUDA_HOME:-unset})"
-if ! timeout "${BUILD_SECONDS:-130}" "$py" -m pip install --no-build-isolation --no-deps --no-index -e . \
-  >"$out/build.log" 2>&1; then
-  note "pip install -e failed; trying setup.py build_ext --inplace (see build.log)"
-  if ! timeout "${BUILD_SECONDS:-130}" "$py" setup.py build_ext --inplace >>"$out/build.log" 2>&1; then
-    note "BUILD FAILED"
-    status=1
-  fi
+if [ "$mode" = dry-run ]; then
+  arch=${TORCH_CUDA_ARCH_LIST:-9.0}
+else
+  arch=${TORCH_CUDA_ARCH_LIST:-$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+fi
+export MSA_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-8}
+note "build for arch $arch, CUDA_HOME=${CUDA_HOME:-none}"
+if ! run_phase build "$BUILD_SECONDS" "$out/build.log" \
+  "$py" -m pip install --no-build-isolation --no-deps --no-index -e .; then
+  # Without pip (or its editable support) the in-place build still works: msa/kernels links to kernels/.
+  note "pip install -e failed; building in place instead (see build.log)"
+  timeout "$BUILD_SECONDS" "$py" setup.py build_ext --inplace >>"$out/build.log" 2>&1 || note "BUILD FAILED"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$py" -c "import msa.ops as o; print('backends on cuda:', o.available_backends('cuda'))" 2>&1 | tee -a "$env_file"
+# The backends as the library reports them; importing msa.kernels.mscmat_triton proves the Triton op registers
+# (without a GPU, available_backends('cuda') only asks whether msa._C registered a CUDA kernel and whether
+# triton and msa.kernels can be found).
+(cd tests && "$py" -c "import msa.ops as o, msa.kernels.mscmat_triton; print('backends on cuda:', \
+o.available_backends('cuda'))") 2>&1 | tail -n 1 | tee -a "$env_file"
 
-# --- tests -------------------------------------------------------------------------------------------------
-note "GPU tests"
-test_files=(tests/test_ops_gpu.py)
-[ -f tests/test_ops_cpu.py ] && test_files+=(tests/test_ops_cpu.py)
-# Triton compiles one kernel per specialisation on one CPU core: spread the tests over 4 workers when
-# pytest-xdist is there.
-parallel=()
-"$py" -c "import xdist" 2>/dev/null && parallel=(-n 4)
-if ! MSA_REQUIRE_GPU_BACKENDS=cuda,triton PYTHONUNBUFFERED=1 timeout "${TEST_SECONDS:-160}" \
-  "$py" -m pytest -q -rfEs "${parallel[@]}" "${test_files[@]}" >"$out/gpu_tests.log" 2>&1; then
-  note "GPU TESTS FAILED or timed out (see gpu_tests.log)"
-  status=1
+if [ "$mode" = dry-run ]; then
+  grep -q "backends on cuda: .*'triton'.*'cuda'" "$env_file" || { note "triton or cuda missing from the backends"; failed=1; }
+  run_phase "sm_90 compile" "$COMPILE_SECONDS" "$out/kernel_report.log" \
+    "$py" benchmarks/kernel_report.py --launched --check --out "$out"
+  tail -n 1 "$out/kernel_report.log" | tee -a "$env_file"
+else
+  # --- (b) smoke, (c) targets --------------------------------------------------------------------------------
+  run_phase smoke "$SMOKE_SECONDS" "$out/smoke.log" "$py" benchmarks/device_smoke.py smoke --out "$out"
+  run_phase targets "$TARGETS_SECONDS" "$out/targets.log" \
+    "$py" benchmarks/bench_gpu_targets.py --out "$out" --repeats 5
+  if [ "$mode" = full ]; then
+    # --- (d) tests: the API-risk tests first (opcheck, torch.compile, 64-bit sizes), then the rest -----------
+    # A test past 90 s fails (pytest-timeout) or, without that plugin, has its traceback dumped (faulthandler);
+    # either way -v has written every finished test's line before the phase limit can cut it.
+    per_test=(-o faulthandler_timeout=90)
+    "$py" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
+    parallel=()
+    "$py" -c "import xdist" 2>/dev/null && parallel=(-n 4)
+    risky="opcheck or compile or 64_bit or large"
+    export MSA_REQUIRE_GPU_BACKENDS=cuda,triton
+    run_phase "tests (API risk)" "$TEST_SECONDS" "$out/gpu_tests_api.log" \
+      "$py" -m pytest -v -rfEs "${per_test[@]}" "${parallel[@]}" -k "$risky" tests/test_ops_gpu.py
+    run_phase "tests (rest)" "$TEST_SECONDS" "$out/gpu_tests.log" \
+      "$py" -m pytest -v -rfEs "${per_test[@]}" "${parallel[@]}" -k "not ($risky)" tests/test_ops_gpu.py
+    # --- (e) ncu profile of the kernels at the target shape, when ncu can read the counters ------------------
+    if command -v ncu >/dev/null 2>&1; then
+      for backend in triton cuda; do
+        run_phase "ncu $backend" "$PROFILE_SECONDS" "$out/ncu_$backend.txt" \
+          ncu --kernel-name "regex:mscmat" --launch-skip 3 --launch-count 3 --clock-control none \
+          --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis \
+          --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum.per_second,dram__bytes.sum.per_second \
+          "$py" benchmarks/device_smoke.py profile --backend "$backend"
+      done
+    else
+      note "ncu not found: no profile"
+    fi
+    # --- (f) the full benchmark ----------------------------------------------------------------------------
+    run_phase benchmark "$BENCH_SECONDS" "$out/bench.log" \
+      "$py" benchmarks/bench_mscmat.py --out "$out" --repeats 3 --no-pairs
+  fi
 fi
-tail -n 3 "$out/gpu_tests.log" | tee -a "$env_file"
 
-# --- benchmarks: the issue's targets first (short), then the full provider table --------------------------
-note "targets benchmark"
-if ! PYTHONUNBUFFERED=1 timeout "${TARGETS_SECONDS:-100}" "$py" benchmarks/bench_gpu_targets.py --out "$out" \
-  >"$out/targets.log" 2>&1; then
-  note "TARGETS BENCHMARK FAILED or timed out"
-  tail -n 30 "$out/targets.log" >>"$env_file"
-  status=1
-fi
-rm -f "$out/targets.log"
-note "benchmark"
-if ! PYTHONUNBUFFERED=1 timeout "${BENCH_SECONDS:-90}" "$py" benchmarks/bench_mscmat.py --out "$out" --repeats 3 \
-  --no-pairs >"$out/bench.log" 2>&1; then
-  note "BENCHMARK FAILED or timed out (see the end of environment.txt)"
-  tail -n 30 "$out/bench.log" >>"$env_file"
-  status=1
-fi
-rm -f "$out/bench.log"
-note "done, status $status"
-exit "$status"
+# --- summary -----------------------------------------------------------------------------------------------
+{
+  echo "# device_check $mode: $(head -n 1 "$env_file")"
+  grep -m 1 "backends on cuda" "$env_file"
+  echo
+  echo "| phase | result | seconds | log |"
+  echo "|---|---|---:|---|"
+  printf '%s\n' "${summary[@]}"
+  [ -f "$out/smoke.log" ] && { echo; cat "$out/smoke.log" | grep -E "^(ok|FAIL)" ; }
+  for table in "$out"/bench_gpu_targets_*.md; do [ -f "$table" ] && { echo; cat "$table"; }; done
+  echo
+  echo "total $((SECONDS - started)) s, status $failed"
+} >"$out/summary.md"
+cat "$out/summary.md"
+exit "$failed"

@@ -1,97 +1,76 @@
-"""The Triton kernels compile for a Hopper GPU (sm_90) without one: triton.compile down to PTX and cubin with
-Triton's bundled ptxas, for bfloat16 and float16 with the default tiles, short and chunked texts. The interpreter
-tests check the numbers; this checks what the interpreter cannot (constexpr use, layouts, tensor-core lowering).
-Runs in a child process, since TRITON_INTERPRET=1 (set by the interpreter tests) changes what @triton.jit makes."""
+"""The Triton kernels compile for a Hopper GPU (sm_90) without one: triton.compile down to PTX and a cubin with
+Triton's bundled ptxas (benchmarks/kernel_report.py), bfloat16 with the default tiles, short and chunked texts.
+The interpreter tests check the numbers; this checks what the interpreter cannot (constexpr use, layouts,
+tensor-core lowering, register spills). Runs in a child process, since TRITON_INTERPRET=1 (set by the interpreter
+tests) changes what @triton.jit makes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-
-def compile_all() -> list[str]:
-    """Compiles each kernel for a few specialisations; returns one line per kernel."""
-    import torch
-    import triton
-    from msa.kernels import mscmat_triton as kernels
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    pointer_args = {"Q", "U", "K", "V", "Out", "Grad", "DQ", "DU", "DK", "DV"}
-    target = GPUTarget("cuda", 90, 32)
-    lines = []
-
-    def compile_one(kernel, dtype: str, constexprs: dict, tile) -> str:
-        fn = kernel.fn
-        block_i, block_n, warps, stages = tile
-        constexprs = {**constexprs, "BLOCK_I": block_i, "BLOCK_N": block_n}
-        if "GROUP_I" in fn.arg_names:
-            constexprs["GROUP_I"] = 8
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in pointer_args:
-                signature[name] = "*" + dtype
-            elif name == "Mask":
-                signature[name] = "*u8"
-            elif name.startswith("scale"):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-        source = ASTSource(
-            fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-        )
-        compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
-        ptx = compiled.asm["ptx"]
-        uses = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "no-mma")
-        return f"{fn.__name__} {dtype} {constexprs} {uses}"
-
-    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        for block_l, head_dim, one_chunk in ((32, 64, True), (128, 128, False)):
-            common = {
-                "HEAD_DIM": head_dim,
-                "BLOCK_D": head_dim,
-                "BLOCK_L": block_l,
-                "HAS_MASK": True,
-                "INPUT_PRECISION": "tf32",
-                "UPCAST": False,
-            }
-            named = {"Q": torch.empty(1, dtype=torch_dtype)}
-            fwd_tile = kernels._tile_of(kernels._mscmat_scores_fwd_kernel.early_config_prune(
-                kernels._FWD_CONFIGS, named, BLOCK_L=block_l)[0])  # fmt: skip
-            bwd_tile = kernels._tile_of(kernels._mscmat_scores_bwd_images_kernel.early_config_prune(
-                kernels._BWD_CONFIGS, named, BLOCK_L=block_l)[0])  # fmt: skip
-            lines.append(compile_one(kernels._mscmat_scores_fwd_kernel, dtype, common, fwd_tile))
-            for kernel in (kernels._mscmat_scores_bwd_images_kernel, kernels._mscmat_scores_bwd_words_kernel):
-                lines.append(compile_one(kernel, dtype, {**common, "ONE_CHUNK": one_chunk}, bwd_tile))
-        if os.environ.get("MSA_COMPILE_ONE_DTYPE") == "1":
-            break
-    return lines
+REPO = Path(__file__).resolve().parents[1]
+# (L, Dh, mask): the benchmark's short texts at Dh = 64, and long texts (two chunks) at Dh = 128.
+CASES = [(32, 64, False), (150, 128, True)]
 
 
-def test_triton_kernels_compile_for_sm90():
-    pytest.importorskip("triton")
+def _compile_in_child() -> list[dict]:
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
+        "specs = [s for c in json.loads(sys.argv[2]) for s in kr._specs_for('bf16', *c, every_tile=False)]\n"
+        "print(json.dumps([kr.compile_spec(s) for s in specs]))\n"
+    )
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["MSA_COMPILE_ONE_DTYPE"] = "1"  # bfloat16 only: float16 lowers the same way and doubles the time
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode == 3:
-        pytest.skip(f"this Triton cannot compile offline here: {run.stdout.strip()[-300:]}")
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "benchmarks"), json.dumps(CASES)],
+        env=env,
+        cwd=REPO / "tests",
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    lines = [line for line in run.stdout.splitlines() if line.startswith("_mscmat")]
-    assert len(lines) == 6, run.stdout
-    assert all(line.endswith("wgmma") for line in lines), run.stdout  # Hopper tensor cores, not FMAs
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__":
+@pytest.fixture(scope="module")
+def default_rows():
+    triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as error:
-        print(f"no offline compiler API: {error}")
-        sys.exit(3)
-    for line in compile_all():
-        print(line)
+        pytest.skip(f"triton {triton.__version__} has no offline compiler API: {error}")
+    return _compile_in_child()
+
+
+def test_default_tiles_compile_for_sm90_with_wgmma(default_rows):
+    assert len(default_rows) == 3 * len(CASES)
+    for row in default_rows:
+        assert "error" not in row, row
+        assert row["mma"] == "wgmma", row  # Hopper tensor cores, not mma.sync or FMAs
+
+
+def test_default_bf16_tiles_do_not_spill_at_head_dim_64(default_rows):
+    rows = [row for row in default_rows if row["head_dim"] == 64]
+    assert {row["kernel"] for row in rows} == {"fwd", "bwd_images", "bwd_words"}
+    for row in rows:
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+
+
+def test_dq_kernel_splits_texts_when_image_tiles_and_heads_are_too_few():
+    pytest.importorskip("triton")
+    from msa.kernels.mscmat_triton import BACKWARD_PROGRAMS, _text_splits
+
+    # Training sizes: 2 image tiles x 12 heads would be 24 programs on 132 SMs.
+    splits, per_split = _text_splits(128, 128, 12)
+    assert 2 * 12 * splits >= BACKWARD_PROGRAMS and splits * per_split >= 128 > (splits - 1) * per_split
+    # The benchmark's sizes already fill the card: no workspace.
+    assert _text_splits(4096, 4096, 12) == (1, 4096)
+    # Never more splits than texts.
+    assert _text_splits(1, 3, 1) == (3, 1)

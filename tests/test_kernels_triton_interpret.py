@@ -52,7 +52,7 @@ def triton_module():
     pytest.importorskip("triton")
     from msa.kernels import mscmat_triton
 
-    assert mscmat_triton._INTERPRET
+    assert mscmat_triton.INTERPRET
     return mscmat_triton
 
 

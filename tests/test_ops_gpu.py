@@ -214,13 +214,22 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
-def test_current_stream_is_used():
-    """The CUDA kernels run on the caller's stream: results taken on a side stream after its synchronisation."""
-    require("cuda")
-    q, u, k, v, mask = make_inputs(64, 48, 16, 2, 64, "random", torch.float16)
-    expected = mscmat_scores(q, u, k, v, mask, backend="cuda")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_current_stream_is_used(backend):
+    """The kernels run on the caller's stream. The side stream first sleeps on the GPU, then overwrites q, then
+    scores: a kernel launched on another stream would run at once and read the old q."""
+    require(backend)
+    q, u, k, v, mask = (
+        t.detach() if t is not None else None for t in make_inputs(64, 48, 16, 2, 64, "random", torch.float16)
+    )
+    new_q = torch.randn_like(q)
+    expected = mscmat_scores(new_q, u, k, v, mask, backend=backend)
+    target = q.clone()
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        got = mscmat_scores(q, u, k, v, mask, backend="cuda")
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU clock cycles queued ahead of the copy
+        target.copy_(new_q)
+        got = mscmat_scores(target, u, k, v, mask, backend=backend)
     stream.synchronize()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from msa.ops._autograd import register_scores_autograd
+from msa._autograd import register_scores_autograd
 
 
 @torch.library.register_fake("msa::mscmat_scores")

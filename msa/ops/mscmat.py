@@ -173,7 +173,7 @@ def mscmat_scores(
     if q.shape[0] == 0 or k.shape[0] == 0:
         return q.new_zeros((q.shape[0], k.shape[0]))
     if chosen == "triton":
-        from msa.kernels import mscmat_scores_triton
+        from msa.kernels.mscmat_triton import mscmat_scores_triton
 
         return mscmat_scores_triton(q, u, k, v, word_mask, scale)
     return torch.ops.msa.mscmat_scores(q, u, k, v, word_mask, scale)

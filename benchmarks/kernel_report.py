@@ -1,0 +1,286 @@
+"""Offline sm_90 (Hopper) compile report of the Triton kernels: no GPU needed.
+
+    python benchmarks/kernel_report.py --out benchmarks/results/offline-sm90     # every kernel x config
+    python benchmarks/kernel_report.py --launched --check                       # what tests/benchmarks launch
+
+Each kernel is compiled through triton.compile for the sm_90 target down to a cubin with Triton's bundled ptxas;
+the PTX is then assembled again with `ptxas -v` for the resource usage. One row per (kernel, dtype, BLOCK_L,
+Dh, tile): registers per thread, spill stores/loads (bytes), shared memory (bytes, Triton's own count), CTAs per
+SM (the smallest of the register, shared-memory, warp and block limits of sm_90) and whether the products use
+Hopper's wgmma or the older mma.sync. Writes kernel_report_triton-<version>.md and .json into --out.
+
+--launched compiles only the specialisations that tests/test_ops_gpu.py and the benchmarks launch (the tests'
+first fitting tile, the benchmarks' every fitting tile), so that a compile error shows up before a GPU is
+rented; --check exits 1 if any compile fails. To compile under another Triton, put it first on PYTHONPATH
+(`pip install --target DIR triton==3.6.0`; `PYTHONPATH=DIR python benchmarks/kernel_report.py ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# sm_90 limits per SM: 64K 32-bit registers, 228 KB shared memory (1 KB of it reserved per block), 64 warps,
+# 32 blocks; registers are allocated per warp in units of 256.
+SM90_REGISTERS = 65536
+SM90_SHARED_BYTES = 228 * 1024
+SM90_RESERVED_SHARED_PER_BLOCK = 1024
+SM90_WARPS = 64
+SM90_BLOCKS = 32
+REGISTER_UNIT = 256
+KERNELS = ("fwd", "bwd_images", "bwd_words")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One compile: a kernel, the input dtype, the constexprs that depend on the shape, and a tile."""
+
+    kernel: str  # one of KERNELS
+    dtype: str  # bf16, fp16, fp32
+    block_l: int
+    head_dim: int
+    has_mask: bool
+    one_chunk: bool
+    tile: tuple[int, int, int, int]  # BLOCK_I, BLOCK_N, num_warps, num_stages
+
+    @property
+    def block_d(self) -> int:
+        return max(16, 1 << (self.head_dim - 1).bit_length())
+
+
+def _block_l(num_words: int) -> int:
+    from msa.kernels.configs import MAX_BLOCK_L, MIN_PRODUCT_WORDS
+
+    return min(max(1 << max(num_words - 1, 0).bit_length(), MIN_PRODUCT_WORDS), MAX_BLOCK_L)
+
+
+def _specs_for(dtype: str, num_words: int, head_dim: int, has_mask: bool, every_tile: bool) -> list[Spec]:
+    """The specialisations one call of the op (forward and backward) compiles for these inputs."""
+    import torch
+
+    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, fitting_tiles
+
+    block_l = _block_l(num_words)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    one_chunk = num_words <= block_l
+    block_d = Spec("fwd", dtype, block_l, head_dim, has_mask, one_chunk, (0, 0, 0, 0)).block_d
+    specs = []
+    for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_IMAGES_TILES), ("bwd_words", BWD_WORDS_TILES)):
+        fitting = fitting_tiles(tiles, torch_dtype, block_l, block_d, kernel)
+        for tile in fitting if every_tile else fitting[:1]:
+            specs.append(Spec(kernel, dtype, block_l, head_dim, has_mask, one_chunk, tile))
+    return specs
+
+
+def launched_specs() -> list[Spec]:
+    """What tests/test_ops_gpu.py (autotuning off: the first fitting tile) and bench_gpu_targets.py /
+    bench_mscmat.py (autotuned: every fitting tile; L = 32, H = 12, Dh = 64, no mask) launch on a GPU."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import test_ops_gpu
+
+    names = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+    specs: list[Spec] = []
+    for dtype, (_, _, length, _, head_dim, mask_kind) in test_ops_gpu.PARITY:
+        specs += _specs_for(names[str(dtype)], length, head_dim, mask_kind is not None, every_tile=False)
+    # The other GPU tests: every word masked, 64-bit offsets, a large image x text matrix, opcheck,
+    # torch.compile, the current stream.
+    for dtype, length, head_dim, has_mask in (
+        ("fp16", 9, 64, True), ("bf16", 32, 64, False), ("fp16", 32, 32, True), ("bf16", 7, 32, True),
+        ("bf16", 12, 32, True), ("fp16", 16, 64, True),
+    ):  # fmt: skip
+        specs += _specs_for(dtype, length, head_dim, has_mask, every_tile=False)
+    for dtype in ("bf16", "fp16", "fp32"):
+        specs += _specs_for(dtype, 32, 64, False, every_tile=True)
+    return list(dict.fromkeys(specs))
+
+
+def report_specs() -> list[Spec]:
+    """Every kernel x every config of its table for bf16 at the benchmark's L = 32 and Dh = 64; the default tiles
+    for Dh = 128, for fp16 and fp32, and for long (chunked) texts."""
+    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES
+
+    specs = []
+    for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_IMAGES_TILES), ("bwd_words", BWD_WORDS_TILES)):
+        specs += [Spec(kernel, "bf16", 32, 64, False, True, tile) for tile in tiles["low"]]
+    for dtype, num_words, head_dim, has_mask in (("bf16", 32, 128, False), ("fp16", 32, 64, False),
+                                                 ("fp32", 32, 64, False), ("bf16", 150, 64, True)):  # fmt: skip
+        specs += _specs_for(dtype, num_words, head_dim, has_mask, every_tile=False)
+    return list(dict.fromkeys(specs))
+
+
+def _kernel_fn(kernel: str):
+    from msa.kernels import mscmat_kernels
+
+    return {
+        "fwd": mscmat_kernels.mscmat_scores_fwd_kernel,
+        "bwd_images": mscmat_kernels.mscmat_scores_bwd_images_kernel,
+        "bwd_words": mscmat_kernels.mscmat_scores_bwd_words_kernel,
+    }[kernel].fn
+
+
+def _signature(fn, spec: Spec, constexprs: dict) -> dict:
+    pointers = {"Q", "U", "K", "V", "Out", "GradT", "DQ", "DU", "DK", "DV"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + spec.dtype
+        elif name == "Mask":
+            signature[name] = "*u8" if spec.has_mask else "*" + spec.dtype
+        elif name.startswith("scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def _ptxas_usage(ptx: str, ptxas: str) -> dict:
+    """Registers, spill bytes and stack frame of the kernel, from `ptxas -v` on its PTX."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.ptx"
+        path.write_text(ptx)
+        run = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", str(path), "-o", str(Path(folder) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    text = run.stdout + run.stderr
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, text)
+        return int(found.group(1)) if found else 0
+
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        "stack_bytes": number(r"(\d+) bytes stack frame"),
+    }
+
+
+def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Resident blocks per sm_90 SM, limited by registers, shared memory, warps and blocks."""
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = SM90_REGISTERS // max(per_warp * num_warps, 1)
+    by_shared = SM90_SHARED_BYTES // (shared_bytes + SM90_RESERVED_SHARED_PER_BLOCK)
+    return min(by_registers, by_shared, SM90_WARPS // num_warps, SM90_BLOCKS)
+
+
+def compile_spec(spec: Spec) -> dict:
+    """Compiles one specialisation for sm_90 and returns its report row (``error`` set when it failed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel_fn(spec.kernel)
+    block_i, block_n, warps, stages = spec.tile
+    constexprs = {
+        "HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "BLOCK_L": spec.block_l, "HAS_MASK": spec.has_mask,
+        "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
+        "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n, "BLOCK_T": block_n,
+    }  # fmt: skip
+    if "GROUP_I" in fn.arg_names:
+        constexprs["GROUP_I"] = 8
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+    row = {**dataclasses.asdict(spec), "block_d": spec.block_d, "triton": triton.__version__}
+    started = time.perf_counter()
+    try:
+        source = ASTSource(
+            fn=fn,
+            signature=_signature(fn, spec, constexprs),
+            constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
+        )
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
+        )
+        ptx = compiled.asm["ptx"]
+        ptxas = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+        usage = _ptxas_usage(ptx, os.environ.get("TRITON_PTXAS_PATH", ptxas))
+    except Exception as error:  # noqa: BLE001  (a failed compile is a row of the report)
+        cause = error.__cause__ or error
+        row["error"] = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+        return row
+    shared = int(compiled.metadata.shared)
+    row.update(usage)
+    row["shared_bytes"] = shared
+    row["ctas_per_sm"] = ctas_per_sm(usage["registers"], shared, warps)
+    row["mma"] = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
+    row["compile_s"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def _compile_all(specs: list[Spec], jobs: int) -> list[dict]:
+    if jobs <= 1:
+        return [compile_spec(spec) for spec in specs]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(compile_spec, specs))
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        "| kernel | dtype | L block | Dh | mask | one chunk | BLOCK_I | BLOCK_T (fwd) / BLOCK_N | warps | stages "
+        "| registers "
+        "| spill st/ld B | shared KB | CTAs/SM | mma |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        tile = row["tile"]
+        head = (
+            f"| {row['kernel']} | {row['dtype']} | {row['block_l']} | {row['head_dim']} | {row['has_mask']} "
+            f"| {row['one_chunk']} | {tile[0]} | {tile[1]} | {tile[2]} | {tile[3]} "
+        )
+        if "error" in row:
+            lines.append(head + f"| FAILED: {row['error']} | | | | |")
+            continue
+        lines.append(
+            head + f"| {row['registers']} | {row['spill_stores']}/{row['spill_loads']} "
+            f"| {row['shared_bytes'] / 1024:.1f} | {row['ctas_per_sm']} | {row['mma']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="folder for kernel_report_triton-<version>.md and .json")
+    parser.add_argument("--launched", action="store_true", help="only what the GPU tests and benchmarks launch")
+    parser.add_argument("--check", action="store_true", help="exit 1 when any specialisation fails to compile")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiles in parallel")
+    args = parser.parse_args()
+
+    import triton
+
+    specs = launched_specs() if args.launched else report_specs()
+    started = time.perf_counter()
+    rows = _compile_all(specs, args.jobs)
+    failed = [row for row in rows if "error" in row]
+    scope = "launched by the GPU tests and benchmarks" if args.launched else "every kernel and config"
+    title = f"sm_90 compile report, triton {triton.__version__}: {scope}"
+    text = markdown(rows, title)
+    print(text)
+    print(f"{len(rows)} specialisations compiled for sm_90 in {time.perf_counter() - started:.0f} s, "
+          f"{len(failed)} failed")  # fmt: skip
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"kernel_report_{'launched_' if args.launched else ''}triton-{triton.__version__}"
+        (args.out / f"{stem}.md").write_text(text)
+        (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 1 if args.check and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

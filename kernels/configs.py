@@ -1,0 +1,127 @@
+"""Autotune configurations of the Triton kernels, and the pruning that keeps only those that fit the card.
+
+Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_I images against BLOCK_T texts, one text (BLOCK_L
+words) per product. Backward tile: (BLOCK_I, 1, num_warps, num_stages). The lists are in order of preference;
+with autotuning off (MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config is dropped
+before any compile when
+- its pipelined stages exceed the shared memory of an sm_90 block (SHARED_MEMORY_BUDGET), or
+- its float32 register tiles exceed REGISTER_TILE_BUDGET values per thread (beyond that ptxas spills).
+float32 runs its products on FMA units (no TF32 unless torch allows it) and gets small tiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Texts longer than this are processed in chunks of this many words (online softmax).
+MAX_BLOCK_L = 128
+# The forward's products are [BLOCK_I, Dh] x [Dh, one text's words]: tl.dot needs 16 columns at least, so
+# shorter texts are padded with masked words.
+MIN_PRODUCT_WORDS = 16
+# Dynamic shared memory of one sm_90 block is 227 KB; Triton adds scratch for layout conversions and reductions.
+SHARED_MEMORY_BUDGET = 200 * 1024
+# float32 tile values per thread that stay in registers (255 per thread at most; addresses, masks and the
+# softmax statistics need the rest). Calibrated on the sm_90 compile report (benchmarks/kernel_report.py).
+REGISTER_TILE_BUDGET = 160
+WARP_SIZE = 32
+
+Tile = tuple[int, int, int, int]
+
+# 128 images per program: each k, v byte read from L2 then feeds 128 FLOPs (bf16), half the L2 traffic of 64.
+# Eight warps: two warpgroups of 64 image rows; with four, q, u, logits and readouts of 128 rows overflow the
+# registers (sm_90 compile report). Few texts per program keep the grid full at training sizes (Ni = Nt = 128);
+# more amortise the q, u loads.
+FWD_TILES: dict[str, list[Tile]] = {
+    "low": [(128, 8, 8, 3), (64, 4, 4, 3), (128, 4, 8, 3), (64, 2, 4, 3), (128, 16, 8, 3), (64, 8, 4, 3)],
+    "fp32": [(32, 4, 4, 2), (64, 4, 4, 2), (32, 8, 4, 2)],
+}
+# Backward tiles are (BLOCK_I, 1, num_warps, num_stages): each product is one text's word chunk. The words kernel
+# holds dk, dv and its own k, v besides the image tile: 64 images on four warps spill, and 128 on eight spill under
+# Triton 3.6; 64 on eight spill under neither (sm_90 compile report).
+BWD_IMAGES_TILES: dict[str, list[Tile]] = {
+    "low": [(64, 1, 4, 3), (128, 1, 8, 3), (64, 1, 4, 2), (32, 1, 4, 3)],
+    "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
+}
+BWD_WORDS_TILES: dict[str, list[Tile]] = {
+    "low": [(64, 1, 8, 3), (128, 1, 8, 3), (128, 1, 8, 2), (32, 1, 4, 3)],
+    "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
+}
+# Sizes are in the key: the best tile differs between a 128-text batch and a 5465-caption test split.
+AUTOTUNE_KEY = ["Ni", "Nt", "L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION", "UPCAST"]
+
+
+def _kwargs(tiles: dict[str, list[Tile]], block_i: int, second: int) -> dict[str, int]:
+    return {"BLOCK_I": block_i, "BLOCK_T": second} if tiles is FWD_TILES else {"BLOCK_I": block_i}
+
+
+def tile_of(config: triton.Config) -> Tile:
+    return config.kwargs["BLOCK_I"], config.kwargs.get("BLOCK_T", 1), config.num_warps, config.num_stages
+
+
+def all_configs(tiles: dict[str, list[Tile]]) -> list[triton.Config]:
+    if INTERPRET:
+        # The interpreter runs every config it is given: one keeps CPU tests fast (a single one is never pruned).
+        return [triton.Config(_kwargs(tiles, 16, 2), num_warps=4, num_stages=1)]
+    unique = dict.fromkeys(tile for kind in tiles.values() for tile in kind)
+    return [
+        triton.Config(_kwargs(tiles, bi, second), num_warps=warps, num_stages=stages)
+        for bi, second, warps, stages in unique
+    ]
+
+
+def shared_memory_bytes(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> int:
+    """Shared memory the software pipeline stages (the products read their operands there): the streamed
+    operand pair per stage (k, v of a text; q, u of an image tile in the words kernel) next to the stationary one."""
+    block_i, _, _, stages = tile
+    streamed, stationary = (block_i, block_l) if role == "bwd_words" else (block_l, block_i)
+    return (2 * max(stages, 1) * streamed + 2 * stationary) * block_d * element_bytes
+
+
+def register_tile_values(tile: Tile, block_l: int, block_d: int, role: str) -> int:
+    """float32 values per thread in the kernel's live register tiles: logits and readouts [BLOCK_I, BLOCK_L],
+    plus the gradient accumulators of the backward kernels (dq, du [BLOCK_I, Dh]; dk, dv [BLOCK_L, Dh])."""
+    block_i, _, warps, _ = tile
+    values = 2 * block_i * block_l
+    if role == "bwd_images":
+        values += 2 * block_i * block_d
+    elif role == "bwd_words":
+        values += 2 * block_l * block_d
+    return values // (warps * WARP_SIZE)
+
+
+def tile_fits(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> bool:
+    return (
+        shared_memory_bytes(tile, block_l, block_d, element_bytes, role) <= SHARED_MEMORY_BUDGET
+        and register_tile_values(tile, block_l, block_d, role) <= REGISTER_TILE_BUDGET
+    )
+
+
+def fitting_tiles(tiles: dict[str, list[Tile]], dtype: torch.dtype, block_l: int, block_d: int, role: str):
+    """The tiles of ``tiles`` for ``dtype`` that fit, in order of preference; never empty: when none fits (long
+    texts at a large Dh) the first of the list runs, with spills, rather than a small tile that would give up
+    wgmma (64 rows per warpgroup) as well."""
+    wanted = tiles["fp32" if dtype == torch.float32 else "low"]
+    element_bytes = torch.finfo(dtype).bits // 8
+    kept = [tile for tile in wanted if tile_fits(tile, block_l, block_d, element_bytes, role)]
+    return kept or wanted[:1]
+
+
+def pruner(tiles: dict[str, list[Tile]], role: str):
+    """``prune_configs_by`` of triton.autotune: the fitting tiles, or the first of them with autotuning off."""
+
+    def prune(configs, named_args, **kwargs):
+        block_l = kwargs.get("BLOCK_L", named_args.get("BLOCK_L"))
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        by_tile = {tile_of(config): config for config in configs}
+        fitting = fitting_tiles(tiles, named_args["Q"].dtype, block_l, block_d, role)
+        kept = [by_tile[tile] for tile in fitting if tile in by_tile]
+        if os.environ.get("MSA_TRITON_AUTOTUNE", "1") == "0":
+            return kept[:1]
+        return kept
+
+    return {"early_config_prune": prune}

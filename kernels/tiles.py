@@ -1,0 +1,50 @@
+"""Tile helpers shared by the forward and backward kernels of ``msa::mscmat_scores_triton``: the tensor-core
+product, the bounds and validity of a chunk of words, and the end of a softmax. Everything here runs inside a
+program; nothing is launched from here.
+
+Logits stay in raw units (no scale applied) until the exponential: ``exp2(s * scale_log2 - m * scale_log2)``
+is one fused multiply-add per element, where scaling s first would cost a multiply more. ``scale > 0``, so the
+max of the raw logits is the max of the scaled ones."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b on tensor cores (float32 accumulation)."""
+    if UPCAST:
+        # Triton's interpreter multiplies bfloat16 operands wrongly; there the product runs in float32.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def chunk_rows(mask_ptrs, text_ok, word_ids, L, HAS_MASK: tl.constexpr):
+    """(in_bounds, valid) of the BLOCK_L words of a chunk: in_bounds guards the loads, valid (in bounds and not
+    masked) selects the words that take part in the softmax."""
+    in_bounds = text_ok & (word_ids < L)
+    if HAS_MASK:
+        word_valid = tl.load(mask_ptrs, mask=in_bounds, other=0)
+        return in_bounds, in_bounds & (word_valid != 0)
+    return in_bounds, in_bounds
+
+
+@triton.jit
+def load_rows(ptrs, in_bounds, d_ok):
+    """A [BLOCK_L, BLOCK_D] tile of word rows (zeros past the text's words and past Dh)."""
+    return tl.load(ptrs, mask=in_bounds[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def finalize(m, den, num, scale_log2):
+    """Scaled shift, 1 / denominator and head output o per (image, text); a fully masked text gets o = 0 and
+    1 / den = 0, so all its weights vanish."""
+    m_scaled = tl.where(m == NEG_INF, 0.0, m * scale_log2)
+    has_word = den > 0
+    inv_den = tl.where(has_word, 1.0 / tl.where(has_word, den, 1.0), 0.0)
+    return m_scaled, inv_den, num * inv_den
