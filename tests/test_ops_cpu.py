@@ -213,3 +213,47 @@ def test_environment_overrides_auto(monkeypatch):
     assert resolve_backend("cpu", "cpu") == "cpu"  # an explicit choice wins over the environment
     monkeypatch.setenv("MSA_BACKEND", "auto")
     assert resolve_backend("auto", "cpu") == "cpu"
+
+
+def _poison_masked_words(k, v, mask):
+    """k and v with NaN, +inf and -inf written at every masked word."""
+    poisoned_k, poisoned_v = k.detach().clone(), v.detach().clone()
+    masked = ~mask
+    poisoned_k[masked] = float("nan")
+    poisoned_v[masked] = float("inf")
+    poisoned_v[masked.nonzero()[::2].unbind(1)] = float("-inf")
+    poisoned_v[masked.nonzero()[1::3].unbind(1)] = float("nan")
+    return poisoned_k.requires_grad_(k.requires_grad), poisoned_v.requires_grad_(v.requires_grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_masked_words_contribute_nothing_whatever_their_values(backend):
+    q, u, k, v, mask = make_inputs(6, 7, 9, 3, 8, dtype=torch.float64, requires_grad=True)
+    bad_k, bad_v = _poison_masked_words(k, v, mask)
+    grad_out = torch.randn(6, 7, dtype=torch.float64)
+    clean = mscmat_scores(q, u, k, v, mask, backend=backend)
+    poisoned = mscmat_scores(q, u, bad_k, bad_v, mask, backend=backend)
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+    clean_grads = torch.autograd.grad(clean, (q, u, k, v), grad_out)
+    poisoned_grads = torch.autograd.grad(poisoned, (q, u, bad_k, bad_v), grad_out)
+    for name, got, want in zip("quvk", poisoned_grads, clean_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=f"d{name}")
+    for name, grad in (("k", poisoned_grads[2]), ("v", poisoned_grads[3])):
+        assert torch.all(grad[~mask] == 0), f"d{name} at masked words must be 0"
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_fully_masked_text_scores_zero_even_for_non_finite_images(backend):
+    q, u, k, v, mask = make_inputs(4, 5, 6, 2, 8, dtype=torch.float64, requires_grad=True)
+    assert not mask[0].any()
+    q, u = q.detach().clone(), u.detach().clone()
+    q[1], u[2] = float("nan"), float("inf")
+    k, v = _poison_masked_words(k, v, mask)
+    q, u, k, v = (t.requires_grad_() for t in (q, u, k, v))
+    scores = mscmat_scores(q, u, k, v, mask, backend=backend)
+    assert torch.all(scores[:, 0] == 0), scores[:, 0]
+    assert torch.isfinite(scores[[0, 3]]).all()
+    dq, du, dk, dv = torch.autograd.grad(scores[:, 0].sum(), (q, u, k, v))
+    # The finite images and the masked text get no gradient from the masked text's scores.
+    for grad in (dq[[0, 3]], du[[0, 3]], dk[0], dv[0]):
+        assert torch.all(grad == 0), grad
