@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 
-from msa.ops import available_backends, mscmat_scores, mscmat_scores_ref, resolve_backend
+from msa.ops import (
+    available_backends,
+    mscmat_scores,
+    mscmat_scores_ref,
+    resolve_backend,
+    saved_softmax_bytes,
+    set_saved_softmax_budget,
+)
 from msa.ops import mscmat as dispatcher
 
 needs_cpu_kernel = pytest.mark.skipif(
@@ -257,3 +265,159 @@ def test_fully_masked_text_scores_zero_even_for_non_finite_images(backend):
     # The finite images and the masked text get no gradient from the masked text's scores.
     for grad in (dq[[0, 3]], du[[0, 3]], dk[0], dv[0]):
         assert torch.all(grad == 0), grad
+
+
+@pytest.fixture
+def saved_softmax_budget():
+    """Sets the CPU backend's saved-softmax budget for one test, restoring the default afterwards."""
+    yield set_saved_softmax_budget
+    set_saved_softmax_budget(None)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("budget", [0, 2**40], ids=["recompute", "keep-softmax"])
+@pytest.mark.parametrize("ni,nt,length,heads,head_dim", [(7, 97, 33, 12, 8), (130, 9, 30, 2, 64), (17, 5, 1, 3, 16)])
+def test_both_backward_paths_match_reference(saved_softmax_budget, budget, ni, nt, length, heads, head_dim):
+    saved_softmax_budget(budget)
+    q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, requires_grad=True)
+    grad_out = torch.randn(ni, nt, dtype=torch.float64)
+    fused = mscmat_scores(q, u, k, v, mask, backend="cpu")
+    fused_grads = torch.autograd.grad(fused, (q, u, k, v), grad_out.float())
+    ref_inputs = [t.requires_grad_() for t in as_double(q, u, k, v)]
+    expected = mscmat_scores_ref(*ref_inputs, mask)
+    ref_grads = torch.autograd.grad(expected, ref_inputs, grad_out)
+    torch.testing.assert_close(fused.double(), expected.detach(), rtol=0, atol=2e-6 * expected.abs().max().item())
+    for name, got, want in zip("quvk", fused_grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().clamp_min(1.0), msg=name)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("budget", [0, 2**40], ids=["recompute", "keep-softmax"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck_both_backward_paths(saved_softmax_budget, budget, masked):
+    saved_softmax_budget(budget)
+    q, u, k, v, mask = make_inputs(5, 6, 7, 2, 8, dtype=torch.float64, masked=masked, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *x: mscmat_scores(*x, mask, backend="cpu"), (q, u, k, v))
+
+
+@needs_cpu_kernel
+def test_softmax_is_kept_only_within_the_budget(saved_softmax_budget, monkeypatch):
+    q, u, k, v, mask = make_inputs(6, 5, 9, 3, 8, requires_grad=True)
+    needed = saved_softmax_bytes(q, k)
+    assert needed == 2 * 3 * 5 * 9 * 6 * 4
+    calls = []
+    op = torch.ops.msa.mscmat_scores_for_grad
+
+    def spy(*args):
+        calls.append(args[-1])
+        return op(*args)
+
+    monkeypatch.setattr(dispatcher.torch.ops.msa, "mscmat_scores_for_grad", spy)
+    for budget in (needed, needed - 1):
+        saved_softmax_budget(budget)
+        mscmat_scores(q, u, k, v, mask, backend="cpu")
+    assert calls == [True, False]
+    saved_softmax_budget(None)
+    with torch.no_grad():
+        mscmat_scores(q, u, k, v, mask, backend="cpu")  # no graph, nothing kept: the plain op
+    assert calls == [True, False]
+
+
+def test_saved_softmax_budget_rejects_negative_sizes():
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        set_saved_softmax_budget(-1)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("keep_softmax", [False, True])
+def test_backward_computes_only_the_gradients_asked_for(keep_softmax):
+    q, u, k, v, mask = make_inputs(6, 5, 9, 3, 8)
+    scale = 8**-0.5
+    _, probs, readouts = torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, mask, scale, keep_softmax)
+    grad = torch.randn(6, 5)
+    full = torch.ops.msa.mscmat_scores_for_grad_backward(grad, q, u, k, v, mask, probs, readouts, scale, [True] * 4)
+    for asked in itertools.product([False, True], repeat=4):
+        got = torch.ops.msa.mscmat_scores_for_grad_backward(grad, q, u, k, v, mask, probs, readouts, scale, list(asked))
+        for needed, partial, complete in zip(asked, got, full):
+            if needed:
+                torch.testing.assert_close(partial, complete, rtol=0, atol=0)
+            else:
+                assert partial.numel() == 0
+    # Through autograd: a frozen text side gets no gradient, the image side the same as before.
+    q.requires_grad_()
+    u.requires_grad_()
+    dq, du = torch.autograd.grad(mscmat_scores(q, u, k, v, mask, backend="cpu"), (q, u), grad)
+    torch.testing.assert_close(dq, full[0])
+    torch.testing.assert_close(du, full[1])
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("keep_softmax", [False, True])
+def test_opcheck_of_the_ops_for_gradients(keep_softmax):
+    q, u, k, v, mask = make_inputs(6, 5, 9, 2, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.msa.mscmat_scores_for_grad.default, (q, u, k, v, mask, 0.3, keep_softmax))
+    _, probs, readouts = torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, mask, 0.3, keep_softmax)
+    detached = [t.detach() for t in (q, u, k, v)]
+    for needs in ([True] * 4, [True, False, False, True]):
+        torch.library.opcheck(
+            torch.ops.msa.mscmat_scores_for_grad_backward.default,
+            (torch.randn(6, 5), *detached, mask, probs, readouts, 0.3, needs),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic"),
+        )
+
+
+@needs_cpu_kernel
+def test_fake_kernel_checks_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, u = torch.empty(4, 3, 8), torch.empty(4, 3, 8)
+        k, v = torch.empty(5, 6, 3, 8), torch.empty(5, 6, 2, 8)
+        with pytest.raises(RuntimeError, match="k and v must be"):
+            torch.ops.msa.mscmat_scores(q, u, k, v, None, 0.3)
+        with pytest.raises(RuntimeError, match="word_mask must be"):
+            torch.ops.msa.mscmat_scores_for_grad(q, u, k, k, torch.empty(5, 7, dtype=torch.bool), 0.3, True)
+        scores, probs, _ = torch.ops.msa.mscmat_scores_for_grad(q, u, k, k, None, 0.3, True)
+        assert scores.shape == (4, 5) and probs.shape == (3, 5, 6, 4) and probs.dtype == torch.float32
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("budget", [0, 2**40], ids=["recompute", "keep-softmax"])
+def test_torch_compile_fullgraph_both_backward_paths(saved_softmax_budget, budget):
+    saved_softmax_budget(budget)
+    q, u, k, v, mask = make_inputs(8, 9, 10, 2, 16, requires_grad=True)
+
+    def scores_sum(q, u, k, v, mask):
+        return (mscmat_scores(q, u, k, v, mask, backend="cpu") * 2.0).sum()
+
+    compiled = torch.compile(scores_sum, fullgraph=True, backend="aot_eager")
+    eager_grads = torch.autograd.grad(scores_sum(q, u, k, v, mask), (q, u, k, v))
+    compiled_grads = torch.autograd.grad(compiled(q, u, k, v, mask), (q, u, k, v))
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_head_dim_zero_is_rejected():
+    q, u, k, v, _ = make_inputs(2, 3, 4, 1, 0, masked=False)
+    with pytest.raises(ValueError, match="head dim Dh"):
+        mscmat_scores(q, u, k, v)
+
+
+def test_unknown_backend_in_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MSA_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="'fastest' in the MSA_BACKEND environment variable"):
+        resolve_backend("auto", "cpu")
+
+
+def test_auto_falling_back_to_the_reference_warns_once(monkeypatch, caplog):
+    monkeypatch.setitem(dispatcher._COMPILED_KERNELS, "cpu", False)
+    monkeypatch.setattr(dispatcher, "_warned_about_fallback", False)
+    with caplog.at_level("WARNING", logger="msa.ops.mscmat"):
+        for _ in range(3):
+            assert resolve_backend("auto", "cpu") == "reference"
+        assert resolve_backend("reference", "cpu") == "reference"
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1, warnings
+    import msa
+
+    assert "einsum reference" in warnings[0] and str(Path(msa.__file__).parent) in warnings[0]
