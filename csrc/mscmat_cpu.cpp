@@ -5,7 +5,7 @@
 //   r[i,j,h,l]  = <u[i,h], v[j,l,h]>
 //
 // Tiling: the output is cut into tiles of (image block) x (text block). For one tile and one head the
-// logits and readouts are two BLAS GEMMs computed TRANSPOSED, S^T = K_h Q_h^T and R^T = V_h U_h^T, each
+// logits and readouts are two BLAS GEMMs computed TRANSPOSED, S^T = K_h (scale Q_h)^T and R^T = V_h U_h^T, each
 // [bj * L, bi]: a text's words are rows and the images are contiguous columns. The masked softmax then runs
 // down the L rows of a text with the images as vector lanes, so the max, the denominator and the weighted sum
 // are plain vertical vector operations (no horizontal reductions per (image, text) pair), a masked word is one
@@ -140,11 +140,12 @@ struct TileShape {
 };
 
 // The masked softmax of one text for kLanes images: returns the denominator sum_l e_l and the weighted sum
-// sum_l e_l r_l with e_l = exp(scale * s_l - max), over the valid words only. kStore writes e over s.
+// sum_l e_l r_l with e_l = exp(s_l - max), over the valid words only (s already holds scale * <q, k>). kStore
+// writes e over s.
 // A NaN logit makes its images' sums NaN (the max skips it, the exp does not), as torch's softmax does.
 template <typename T, bool kStore>
-MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep, int64_t num_words, T scale,
-                                    T* denom, T* weighted) {
+MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep, int64_t num_words, T* denom,
+                                    T* weighted) {
   T row_max[kLanes];
   for (int64_t t = 0; t < kLanes; ++t) {
     row_max[t] = -std::numeric_limits<T>::infinity();
@@ -156,8 +157,7 @@ MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep,
     const T* s_row = s + l * ld;
 #pragma omp simd
     for (int64_t t = 0; t < kLanes; ++t) {
-      const T x = s_row[t] * scale;
-      row_max[t] = x > row_max[t] ? x : row_max[t];
+      row_max[t] = s_row[t] > row_max[t] ? s_row[t] : row_max[t];
     }
   }
   T den[kLanes] = {}, sum[kLanes] = {};
@@ -169,7 +169,7 @@ MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep,
     const T* r_row = r + l * ld;
 #pragma omp simd
     for (int64_t t = 0; t < kLanes; ++t) {
-      const T e = exp_approx(s_row[t] * scale - row_max[t]);
+      const T e = exp_approx(s_row[t] - row_max[t]);
       if constexpr (kStore) {
         s_row[t] = e;
       }
@@ -184,8 +184,8 @@ MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep,
 // Forward epilogue of one tile and head: acc[j, i] += sum_l softmax(S)[l, i] R[l, i] for every text j of the
 // tile. With `probs`/`readouts` (row stride out_ld) it also writes p and r there, 0 at masked words.
 template <typename T>
-MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& tile, T scale, T* acc, T* probs,
-                                             T* readouts, int64_t out_ld) {
+MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& tile, T* acc, T* probs, T* readouts,
+                                             int64_t out_ld) {
   const int64_t L = tile.num_words, ld = tile.ld;
   const T* keep = static_cast<const T*>(tile.keep);
   for (int64_t j = 0; j < tile.bj; ++j) {
@@ -197,9 +197,9 @@ MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& 
       T den[kLanes], sum[kLanes];
       if (tile.has_words[j]) {
         if (probs != nullptr) {
-          text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, scale, den, sum);
+          text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
         } else {
-          text_softmax<T, false>(s_j + c, r_j + c, ld, keep_j, L, scale, den, sum);
+          text_softmax<T, false>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
         }
         T* acc_j = acc + j * ld + c;
 #pragma omp simd
@@ -300,7 +300,7 @@ MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile,
         continue;
       }
       T den[kLanes], sum[kLanes], inv_denom[kLanes];
-      text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, scale, den, sum);
+      text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
 #pragma omp simd
       for (int64_t t = 0; t < kLanes; ++t) {
         inv_denom[t] = T(1) / den[t];
@@ -310,9 +310,9 @@ MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile,
   }
 }
 
-MSA_TARGET_CLONES void forward_epilogue_f32(float* s, const float* r, const TileShape& tile, float scale, float* acc,
-                                            float* probs, float* readouts, int64_t out_ld) {
-  forward_epilogue_impl<float>(s, r, tile, scale, acc, probs, readouts, out_ld);
+MSA_TARGET_CLONES void forward_epilogue_f32(float* s, const float* r, const TileShape& tile, float* acc, float* probs,
+                                            float* readouts, int64_t out_ld) {
+  forward_epilogue_impl<float>(s, r, tile, acc, probs, readouts, out_ld);
 }
 
 MSA_TARGET_CLONES void backward_epilogue_f32(float* s, float* r, const TileShape& tile, float scale,
@@ -321,13 +321,13 @@ MSA_TARGET_CLONES void backward_epilogue_f32(float* s, float* r, const TileShape
   backward_epilogue_impl<float>(s, r, tile, scale, grad, probs, readouts, saved_ld);
 }
 
-inline void forward_epilogue(float* s, const float* r, const TileShape& tile, float scale, float* acc, float* probs,
+inline void forward_epilogue(float* s, const float* r, const TileShape& tile, float* acc, float* probs,
                              float* readouts, int64_t out_ld) {
-  forward_epilogue_f32(s, r, tile, scale, acc, probs, readouts, out_ld);
+  forward_epilogue_f32(s, r, tile, acc, probs, readouts, out_ld);
 }
-inline void forward_epilogue(double* s, const double* r, const TileShape& tile, double scale, double* acc,
-                             double* probs, double* readouts, int64_t out_ld) {
-  forward_epilogue_impl<double>(s, r, tile, scale, acc, probs, readouts, out_ld);
+inline void forward_epilogue(double* s, const double* r, const TileShape& tile, double* acc, double* probs,
+                             double* readouts, int64_t out_ld) {
+  forward_epilogue_impl<double>(s, r, tile, acc, probs, readouts, out_ld);
 }
 inline void backward_epilogue(float* s, float* r, const TileShape& tile, float scale, const float* grad,
                               const float* probs, const float* readouts, int64_t saved_ld) {
@@ -363,6 +363,7 @@ inline void choose_tiles(const Problem& p, int64_t& image_block, int64_t& text_b
 
 struct Inputs {
   at::Tensor q, u, k, v, keep;  // keep: [Nt, L] in the compute dtype, 1 = valid word
+  at::Tensor q_logits;          // scale * q, head-major: the logits' GEMM then needs no epilogue multiply
   at::Tensor word_is_masked;    // [Nt, L, 1, 1] bool, undefined when every word is valid
   std::vector<uint8_t> has_words;
   Problem p;
@@ -372,7 +373,7 @@ struct Inputs {
 // in the compute dtype, never null. For the backward (zero_masked_words) k and v are zero at masked words:
 // the gradient GEMMs multiply them by dS = 0 there, and 0 * NaN would leak into dq and du.
 Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
-               const std::optional<at::Tensor>& word_mask, bool zero_masked_words) {
+               const std::optional<at::Tensor>& word_mask, double scale, bool zero_masked_words) {
   TORCH_CHECK(q.dim() == 3 && u.sizes() == q.sizes(), "msa::mscmat_scores: q and u must be [Ni, H, Dh]");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "msa::mscmat_scores: k and v must be [Nt, L, H, Dh]");
   TORCH_CHECK(k.size(2) == q.size(1) && k.size(3) == q.size(2), "msa::mscmat_scores: H and Dh of q and k differ");
@@ -385,6 +386,7 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, co
   const auto images_head_major = [&](const at::Tensor& t) { return t.to(compute).permute({1, 0, 2}).contiguous(); };
   in.q = images_head_major(q);
   in.u = images_head_major(u);
+  in.q_logits = in.q * scale;
   in.k = k.to(compute).contiguous();
   in.v = v.to(compute).contiguous();
   at::Tensor valid;
@@ -418,14 +420,14 @@ struct Saved {
 };
 
 template <typename T>
-void forward_impl(const Inputs& in, T scale, T* out, const Saved& saved) {
+void forward_impl(const Inputs& in, T* out, const Saved& saved) {
   const Problem& p = in.p;
   int64_t image_block, text_block;
   choose_tiles(p, image_block, text_block);
   const int64_t image_tiles = (p.num_images + image_block - 1) / image_block;
   const int64_t text_tiles = (p.num_texts + text_block - 1) / text_block;
-  const T *q = in.q.data_ptr<T>(), *u = in.u.data_ptr<T>(), *k = in.k.data_ptr<T>(), *v = in.v.data_ptr<T>();
-  const T* keep = in.keep.data_ptr<T>();
+  const T *q = in.q_logits.data_ptr<T>(), *u = in.u.data_ptr<T>(), *k = in.k.data_ptr<T>();
+  const T *v = in.v.data_ptr<T>(), *keep = in.keep.data_ptr<T>();
   const int64_t L = p.num_words, D = p.head_dim, word_stride = p.heads * D;
   const int64_t max_ld = round_up(image_block, kLanes);
   T* probs = static_cast<T*>(saved.probs);
@@ -434,7 +436,9 @@ void forward_impl(const Inputs& in, T scale, T* out, const Saved& saved) {
   at::parallel_for(0, image_tiles * text_tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
     std::vector<T> logits(text_block * L * max_ld), reads(text_block * L * max_ld), acc(text_block * max_ld);
     for (int64_t tile_index = first_tile; tile_index < end_tile; ++tile_index) {
-      const int64_t i0 = (tile_index / text_tiles) * image_block, j0 = (tile_index % text_tiles) * text_block;
+      // Text-major order: consecutive tiles of a thread share their text tile, so its k and v (the large
+      // operands at test-split sizes) come from cache for every image tile after the first.
+      const int64_t j0 = (tile_index / image_tiles) * text_block, i0 = (tile_index % image_tiles) * image_block;
       const int64_t bi = std::min(image_block, p.num_images - i0), bj = std::min(text_block, p.num_texts - j0);
       const TileShape tile{bi, bj, L, round_up(bi, kLanes), keep + j0 * L, in.has_words.data() + j0};
       std::fill(acc.begin(), acc.end(), T(0));
@@ -445,7 +449,7 @@ void forward_impl(const Inputs& in, T scale, T* out, const Saved& saved) {
         gemm<T>(false, true, bj * L, bi, D, v + word_offset, word_stride, u + image_offset, D, 0, reads.data(),
                 tile.ld);
         const int64_t saved_offset = (h * p.num_texts + j0) * L * p.num_images + i0;
-        forward_epilogue(logits.data(), reads.data(), tile, scale, acc.data(),
+        forward_epilogue(logits.data(), reads.data(), tile, acc.data(),
                          probs == nullptr ? nullptr : probs + saved_offset,
                          readouts == nullptr ? nullptr : readouts + saved_offset, p.num_images);
       }
@@ -470,7 +474,7 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
   choose_tiles(p, image_block, text_block);
   const int64_t L = p.num_words, D = p.head_dim, word_stride = p.heads * D;
   const T *q = in.q.data_ptr<T>(), *u = in.u.data_ptr<T>(), *k = in.k.data_ptr<T>(), *v = in.v.data_ptr<T>();
-  const T* keep = in.keep.data_ptr<T>();
+  const T *q_logits = in.q_logits.data_ptr<T>(), *keep = in.keep.data_ptr<T>();
   const T* probs = static_cast<const T*>(saved.probs);
   const T* readouts = static_cast<const T*>(saved.readouts);
   const int64_t max_ld = round_up(image_block, kLanes);
@@ -520,7 +524,7 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
             tile_probs = probs + saved_offset;
             tile_readouts = readouts + saved_offset;
           } else {
-            gemm<T>(false, true, bj * L, bi, D, k + word_offset, word_stride, q + image_offset, D, 0, ds.data(),
+            gemm<T>(false, true, bj * L, bi, D, k + word_offset, word_stride, q_logits + image_offset, D, 0, ds.data(),
                     tile.ld);
             gemm<T>(false, true, bj * L, bi, D, v + word_offset, word_stride, u + image_offset, D, 0, dr.data(),
                     tile.ld);
@@ -570,16 +574,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_forward(const at::Tensor& 
                                                               const at::Tensor& k, const at::Tensor& v,
                                                               const std::optional<at::Tensor>& word_mask,
                                                               double scale, bool keep_softmax) {
-  const Inputs in = prepare(q, u, k, v, word_mask, /*zero_masked_words=*/false);
+  const Inputs in = prepare(q, u, k, v, word_mask, scale, /*zero_masked_words=*/false);
   const Problem& p = in.p;
   at::Tensor scores = at::zeros({p.num_images, p.num_texts}, in.q.options());
   const std::vector<int64_t> saved_shape =
       keep_softmax ? std::vector<int64_t>{p.heads, p.num_texts, p.num_words, p.num_images} : std::vector<int64_t>{0};
-  at::Tensor probs = at::zeros(saved_shape, in.q.options()), readouts = at::zeros(saved_shape, in.q.options());
+  // Every element of probs and readouts is written by the tiles (0 at masked words and texts without one).
+  const auto make_saved = [&] { return has_work(p) ? at::empty(saved_shape, in.q.options()) : at::zeros(saved_shape, in.q.options()); };
+  at::Tensor probs = make_saved(), readouts = make_saved();
   if (has_work(p)) {
     AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mscmat_scores_cpu", [&] {
       const Saved saved{keep_softmax ? probs.data_ptr() : nullptr, keep_softmax ? readouts.data_ptr() : nullptr};
-      forward_impl<scalar_t>(in, static_cast<scalar_t>(scale), scores.data_ptr<scalar_t>(), saved);
+      forward_impl<scalar_t>(in, scores.data_ptr<scalar_t>(), saved);
     });
   }
   return {scores.to(q.scalar_type()), probs, readouts};
@@ -590,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
     const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& word_mask, const at::Tensor& probs,
     const at::Tensor& readouts, double scale, std::array<bool, 4> needs) {
-  const Inputs in = prepare(q, u, k, v, word_mask, /*zero_masked_words=*/true);
+  const Inputs in = prepare(q, u, k, v, word_mask, scale, /*zero_masked_words=*/true);
   const Problem& p = in.p;
   TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == p.num_images && grad_scores.size(1) == p.num_texts,
               "msa::mscmat_scores_backward: grad_scores must be [Ni, Nt]");
