@@ -17,7 +17,8 @@
 //   dS = g * p * (r - o) * scale   and   dR = g * p          (o = sum_l p r, the head's output)
 // and accumulates dq += dS K, dk += dS^T Q, du += dR V, dv += dR^T U with up to four more GEMMs (only those of
 // the gradients asked for). p and r are either recomputed per tile (two more GEMMs) or read from the
-// forward's saved copy ([H, Nt, L, Ni], the same transposed layout). Work items are (head, image chunk):
+// forward's saved p and p (r - o) scale ([H, Nt, L, Ni], the same transposed layout), when dS and dR are
+// just g times them. Work items are (head, image chunk):
 // heads never share a gradient slice, so as long as there are at least as many heads as threads, every
 // thread writes its own slices and no reduction is needed.
 
@@ -135,6 +136,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
 // kLanes; `keep` points at the tile's first text ([bj, L], 1 = valid word), `has_words` says which texts have one.
 struct TileShape {
   int64_t bi, bj, num_words, ld;
+  double scale;
   const void* keep;
   const uint8_t* has_words;
 };
@@ -182,11 +184,13 @@ MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep,
 }
 
 // Forward epilogue of one tile and head: acc[j, i] += sum_l softmax(S)[l, i] R[l, i] for every text j of the
-// tile. With `probs`/`readouts` (row stride out_ld) it also writes p and r there, 0 at masked words.
+// tile. With `probs`/`logit_grads` (row stride out_ld) it also writes there what the backward needs, 0 at masked
+// words: p and a = p (r - o) scale, so that dS = g a and dR = g p.
 template <typename T>
-MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& tile, T* acc, T* probs, T* readouts,
-                                             int64_t out_ld) {
+MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& tile, T* acc, T* probs,
+                                             T* logit_grads, int64_t out_ld) {
   const int64_t L = tile.num_words, ld = tile.ld;
+  const T scale = static_cast<T>(tile.scale);
   const T* keep = static_cast<const T*>(tile.keep);
   for (int64_t j = 0; j < tile.bj; ++j) {
     const T* keep_j = keep + j * L;
@@ -212,26 +216,27 @@ MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& 
       }
       for (int64_t l = 0; l < L; ++l) {
         T* p_out = probs + (j * L + l) * out_ld + c;
-        T* r_out = readouts + (j * L + l) * out_ld + c;
+        T* a_out = logit_grads + (j * L + l) * out_ld + c;
         if (keep_j[l] == T(0) || !tile.has_words[j]) {
           std::fill(p_out, p_out + lanes, T(0));
-          std::fill(r_out, r_out + lanes, T(0));
+          std::fill(a_out, a_out + lanes, T(0));
           continue;
         }
         const T* e_row = s_j + l * ld + c;
         const T* r_row = r_j + l * ld + c;
 #pragma omp simd
         for (int64_t t = 0; t < lanes; ++t) {
-          p_out[t] = e_row[t] / den[t];
-          r_out[t] = r_row[t];
+          const T prob = e_row[t] / den[t];
+          p_out[t] = prob;
+          a_out[t] = prob * (r_row[t] - sum[t] / den[t]) * scale;
         }
       }
     }
   }
 }
 
-// dS = g p (r - o) scale and dR = g p over the L rows of one text for kLanes images, from p and r (row stride
-// in_ld) into ds and dr (row stride ld); p may be unnormalised (e) with `inv_denom` = 1 / sum_l e.
+// dS = g p (r - o) scale and dR = g p over the L rows of one text for kLanes images, from the unnormalised
+// softmax e and r (row stride in_ld) into ds and dr (row stride ld), with `inv_denom` = 1 / sum_l e.
 template <typename T>
 MSA_ALWAYS_INLINE void text_gradients(const T* p, const T* r, int64_t in_ld, T* ds, T* dr, int64_t ld,
                                       const T* keep, int64_t num_words, int64_t lanes, const T* grad,
@@ -272,15 +277,13 @@ MSA_ALWAYS_INLINE void text_gradients(const T* p, const T* r, int64_t in_ld, T* 
 }
 
 // Backward epilogue of one tile and head: s and r become dS^T and dR^T in place. `grad` is the tile's
-// gradient transposed, [bj, ld]. With `probs`/`readouts` (the forward's saved p and r, row stride saved_ld)
-// s and r are only written, never read.
+// gradient transposed, [bj, ld]. With `probs`/`logit_grads` (the forward's saved p and a, row stride saved_ld)
+// s and r are only written, never read: dS = g a, dR = g p.
 template <typename T>
 MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile, T scale, const T* grad,
-                                              const T* probs, const T* readouts, int64_t saved_ld) {
+                                              const T* probs, const T* logit_grads, int64_t saved_ld) {
   const int64_t L = tile.num_words, ld = tile.ld;
   const T* keep = static_cast<const T*>(tile.keep);
-  T ones[kLanes];
-  std::fill(ones, ones + kLanes, T(1));
   for (int64_t j = 0; j < tile.bj; ++j) {
     const T* keep_j = keep + j * L;
     T* s_j = s + j * L * ld;
@@ -294,9 +297,17 @@ MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile,
       const int64_t lanes = std::min(kLanes, tile.bi - c);
       const T* g = grad + j * ld + c;
       if (probs != nullptr) {
-        const int64_t offset = j * L * saved_ld + c;
-        text_gradients(probs + offset, readouts + offset, saved_ld, s_j + c, r_j + c, ld, keep_j, L, lanes, g, ones,
-                       scale);
+        for (int64_t l = 0; l < L; ++l) {
+          const T* p_row = probs + (j * L + l) * saved_ld + c;
+          const T* a_row = logit_grads + (j * L + l) * saved_ld + c;
+          T* ds_row = s_j + l * ld + c;
+          T* dr_row = r_j + l * ld + c;
+#pragma omp simd
+          for (int64_t t = 0; t < lanes; ++t) {
+            ds_row[t] = g[t] * a_row[t];
+            dr_row[t] = g[t] * p_row[t];
+          }
+        }
         continue;
       }
       T den[kLanes], sum[kLanes], inv_denom[kLanes];
@@ -311,31 +322,31 @@ MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile,
 }
 
 MSA_TARGET_CLONES void forward_epilogue_f32(float* s, const float* r, const TileShape& tile, float* acc, float* probs,
-                                            float* readouts, int64_t out_ld) {
-  forward_epilogue_impl<float>(s, r, tile, acc, probs, readouts, out_ld);
+                                            float* logit_grads, int64_t out_ld) {
+  forward_epilogue_impl<float>(s, r, tile, acc, probs, logit_grads, out_ld);
 }
 
 MSA_TARGET_CLONES void backward_epilogue_f32(float* s, float* r, const TileShape& tile, float scale,
-                                             const float* grad, const float* probs, const float* readouts,
+                                             const float* grad, const float* probs, const float* logit_grads,
                                              int64_t saved_ld) {
-  backward_epilogue_impl<float>(s, r, tile, scale, grad, probs, readouts, saved_ld);
+  backward_epilogue_impl<float>(s, r, tile, scale, grad, probs, logit_grads, saved_ld);
 }
 
 inline void forward_epilogue(float* s, const float* r, const TileShape& tile, float* acc, float* probs,
-                             float* readouts, int64_t out_ld) {
-  forward_epilogue_f32(s, r, tile, acc, probs, readouts, out_ld);
+                             float* logit_grads, int64_t out_ld) {
+  forward_epilogue_f32(s, r, tile, acc, probs, logit_grads, out_ld);
 }
 inline void forward_epilogue(double* s, const double* r, const TileShape& tile, double* acc, double* probs,
-                             double* readouts, int64_t out_ld) {
-  forward_epilogue_impl<double>(s, r, tile, acc, probs, readouts, out_ld);
+                             double* logit_grads, int64_t out_ld) {
+  forward_epilogue_impl<double>(s, r, tile, acc, probs, logit_grads, out_ld);
 }
 inline void backward_epilogue(float* s, float* r, const TileShape& tile, float scale, const float* grad,
-                              const float* probs, const float* readouts, int64_t saved_ld) {
-  backward_epilogue_f32(s, r, tile, scale, grad, probs, readouts, saved_ld);
+                              const float* probs, const float* logit_grads, int64_t saved_ld) {
+  backward_epilogue_f32(s, r, tile, scale, grad, probs, logit_grads, saved_ld);
 }
 inline void backward_epilogue(double* s, double* r, const TileShape& tile, double scale, const double* grad,
-                              const double* probs, const double* readouts, int64_t saved_ld) {
-  backward_epilogue_impl<double>(s, r, tile, scale, grad, probs, readouts, saved_ld);
+                              const double* probs, const double* logit_grads, int64_t saved_ld) {
+  backward_epilogue_impl<double>(s, r, tile, scale, grad, probs, logit_grads, saved_ld);
 }
 
 struct Problem {
@@ -364,6 +375,7 @@ inline void choose_tiles(const Problem& p, int64_t& image_block, int64_t& text_b
 struct Inputs {
   at::Tensor q, u, k, v, keep;  // keep: [Nt, L] in the compute dtype, 1 = valid word
   at::Tensor q_logits;          // scale * q, head-major: the logits' GEMM then needs no epilogue multiply
+  double scale;
   at::Tensor word_is_masked;    // [Nt, L, 1, 1] bool, undefined when every word is valid
   std::vector<uint8_t> has_words;
   Problem p;
@@ -387,6 +399,7 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, co
   in.q = images_head_major(q);
   in.u = images_head_major(u);
   in.q_logits = in.q * scale;
+  in.scale = scale;
   in.k = k.to(compute).contiguous();
   in.v = v.to(compute).contiguous();
   at::Tensor valid;
@@ -413,10 +426,11 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, co
   return in;
 }
 
-// Saved softmax and readouts of the forward, [H, Nt, L, Ni] in the compute dtype (empty when not kept).
+// What the forward keeps for the backward, [H, Nt, L, Ni] each in the compute dtype (null when not kept): the
+// softmax p and a = p (r - o) scale, the score's derivative with respect to the unscaled logit <q, k>.
 struct Saved {
   void* probs = nullptr;
-  void* readouts = nullptr;
+  void* logit_grads = nullptr;
 };
 
 template <typename T>
@@ -431,7 +445,7 @@ void forward_impl(const Inputs& in, T* out, const Saved& saved) {
   const int64_t L = p.num_words, D = p.head_dim, word_stride = p.heads * D;
   const int64_t max_ld = round_up(image_block, kLanes);
   T* probs = static_cast<T*>(saved.probs);
-  T* readouts = static_cast<T*>(saved.readouts);
+  T* logit_grads = static_cast<T*>(saved.logit_grads);
 
   at::parallel_for(0, image_tiles * text_tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
     std::vector<T> logits(text_block * L * max_ld), reads(text_block * L * max_ld), acc(text_block * max_ld);
@@ -440,7 +454,7 @@ void forward_impl(const Inputs& in, T* out, const Saved& saved) {
       // operands at test-split sizes) come from cache for every image tile after the first.
       const int64_t j0 = (tile_index / image_tiles) * text_block, i0 = (tile_index % image_tiles) * image_block;
       const int64_t bi = std::min(image_block, p.num_images - i0), bj = std::min(text_block, p.num_texts - j0);
-      const TileShape tile{bi, bj, L, round_up(bi, kLanes), keep + j0 * L, in.has_words.data() + j0};
+      const TileShape tile{bi, bj, L, round_up(bi, kLanes), in.scale, keep + j0 * L, in.has_words.data() + j0};
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t h = 0; h < p.heads; ++h) {
         const int64_t word_offset = j0 * L * word_stride + h * D, image_offset = (h * p.num_images + i0) * D;
@@ -451,7 +465,7 @@ void forward_impl(const Inputs& in, T* out, const Saved& saved) {
         const int64_t saved_offset = (h * p.num_texts + j0) * L * p.num_images + i0;
         forward_epilogue(logits.data(), reads.data(), tile, acc.data(),
                          probs == nullptr ? nullptr : probs + saved_offset,
-                         readouts == nullptr ? nullptr : readouts + saved_offset, p.num_images);
+                         logit_grads == nullptr ? nullptr : logit_grads + saved_offset, p.num_images);
       }
       for (int64_t i = 0; i < bi; ++i) {
         for (int64_t j = 0; j < bj; ++j) {
@@ -476,7 +490,7 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
   const T *q = in.q.data_ptr<T>(), *u = in.u.data_ptr<T>(), *k = in.k.data_ptr<T>(), *v = in.v.data_ptr<T>();
   const T *q_logits = in.q_logits.data_ptr<T>(), *keep = in.keep.data_ptr<T>();
   const T* probs = static_cast<const T*>(saved.probs);
-  const T* readouts = static_cast<const T*>(saved.readouts);
+  const T* logit_grads = static_cast<const T*>(saved.logit_grads);
   const int64_t max_ld = round_up(image_block, kLanes);
 
   // Split the images into chunks only when there are fewer heads than threads; each extra chunk then
@@ -512,24 +526,24 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
         const int64_t bi = std::min(image_block, end_image - i0), image_offset = (h * p.num_images + i0) * D;
         for (int64_t j0 = 0; j0 < p.num_texts; j0 += text_block) {
           const int64_t bj = std::min(text_block, p.num_texts - j0), word_offset = j0 * L * word_stride + h * D;
-          const TileShape tile{bi, bj, L, round_up(bi, kLanes), keep + j0 * L, in.has_words.data() + j0};
+          const TileShape tile{bi, bj, L, round_up(bi, kLanes), in.scale, keep + j0 * L, in.has_words.data() + j0};
           for (int64_t j = 0; j < bj; ++j) {
             for (int64_t i = 0; i < bi; ++i) {
               grad_t[j * tile.ld + i] = grad[(i0 + i) * p.num_texts + j0 + j];
             }
           }
-          const T *tile_probs = nullptr, *tile_readouts = nullptr;
+          const T *tile_probs = nullptr, *tile_logit_grads = nullptr;
           if (probs != nullptr) {
             const int64_t saved_offset = (h * p.num_texts + j0) * L * p.num_images + i0;
             tile_probs = probs + saved_offset;
-            tile_readouts = readouts + saved_offset;
+            tile_logit_grads = logit_grads + saved_offset;
           } else {
             gemm<T>(false, true, bj * L, bi, D, k + word_offset, word_stride, q_logits + image_offset, D, 0, ds.data(),
                     tile.ld);
             gemm<T>(false, true, bj * L, bi, D, v + word_offset, word_stride, u + image_offset, D, 0, dr.data(),
                     tile.ld);
           }
-          backward_epilogue(ds.data(), dr.data(), tile, scale, grad_t.data(), tile_probs, tile_readouts,
+          backward_epilogue(ds.data(), dr.data(), tile, scale, grad_t.data(), tile_probs, tile_logit_grads,
                             p.num_images);
           // The gradients start uninitialised: the first tile that reaches a slice writes it (beta = 0, which
           // ignores what was there, NaN included), the later ones accumulate.
@@ -568,8 +582,8 @@ bool has_work(const Problem& p) {
   return p.num_images > 0 && p.num_texts > 0 && p.num_words > 0 && p.heads > 0 && p.head_dim > 0;
 }
 
-// scores [Ni, Nt] (in q's dtype) and, when keep_softmax, the softmax and readouts [H, Nt, L, Ni] in the
-// compute dtype (float32, or float64 for float64 inputs); otherwise two empty tensors.
+// scores [Ni, Nt] (in q's dtype) and, when keep_softmax, the softmax p and a = p (r - o) scale, [H, Nt, L, Ni]
+// in the compute dtype (float32, or float64 for float64 inputs); otherwise two empty tensors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_forward(const at::Tensor& q, const at::Tensor& u,
                                                               const at::Tensor& k, const at::Tensor& v,
                                                               const std::optional<at::Tensor>& word_mask,
@@ -579,23 +593,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_forward(const at::Tensor& 
   at::Tensor scores = at::zeros({p.num_images, p.num_texts}, in.q.options());
   const std::vector<int64_t> saved_shape =
       keep_softmax ? std::vector<int64_t>{p.heads, p.num_texts, p.num_words, p.num_images} : std::vector<int64_t>{0};
-  // Every element of probs and readouts is written by the tiles (0 at masked words and texts without one).
+  // Every element of probs and logit_grads is written by the tiles (0 at masked words and texts without one).
   const auto make_saved = [&] { return has_work(p) ? at::empty(saved_shape, in.q.options()) : at::zeros(saved_shape, in.q.options()); };
-  at::Tensor probs = make_saved(), readouts = make_saved();
+  at::Tensor probs = make_saved(), logit_grads = make_saved();
   if (has_work(p)) {
     AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mscmat_scores_cpu", [&] {
-      const Saved saved{keep_softmax ? probs.data_ptr() : nullptr, keep_softmax ? readouts.data_ptr() : nullptr};
+      const Saved saved{keep_softmax ? probs.data_ptr() : nullptr, keep_softmax ? logit_grads.data_ptr() : nullptr};
       forward_impl<scalar_t>(in, scores.data_ptr<scalar_t>(), saved);
     });
   }
-  return {scores.to(q.scalar_type()), probs, readouts};
+  return {scores.to(q.scalar_type()), probs, logit_grads};
 }
 
 // dq, du, dk, dv in the inputs' dtype and layout; a gradient not asked for is an empty tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
     const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& word_mask, const at::Tensor& probs,
-    const at::Tensor& readouts, double scale, std::array<bool, 4> needs) {
+    const at::Tensor& logit_grads, double scale, std::array<bool, 4> needs) {
   const Inputs in = prepare(q, u, k, v, word_mask, scale, /*zero_masked_words=*/true);
   const Problem& p = in.p;
   TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == p.num_images && grad_scores.size(1) == p.num_texts,
@@ -603,9 +617,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
   const bool from_saved = probs.numel() > 0;
   if (from_saved) {
     const std::vector<int64_t> shape{p.heads, p.num_texts, p.num_words, p.num_images};
-    TORCH_CHECK(probs.sizes() == shape && readouts.sizes() == shape && probs.scalar_type() == in.q.scalar_type() &&
-                    readouts.scalar_type() == in.q.scalar_type() && probs.is_contiguous() && readouts.is_contiguous(),
-                "msa::mscmat_scores_for_grad_backward: probs and readouts must be the forward's [H, Nt, L, Ni]");
+    TORCH_CHECK(probs.sizes() == shape && logit_grads.sizes() == shape && probs.scalar_type() == in.q.scalar_type() &&
+                    logit_grads.scalar_type() == in.q.scalar_type() && probs.is_contiguous() &&
+                    logit_grads.is_contiguous(),
+                "msa::mscmat_scores_for_grad_backward: probs and logit_grads must be the forward's [H, Nt, L, Ni]");
   }
   const at::Tensor grad = grad_scores.to(in.q.scalar_type()).contiguous();
   const bool any_work = has_work(p);
@@ -619,7 +634,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
   Grads grads{make(needs[0], in.q), make(needs[1], in.u), make(needs[2], in.k), make(needs[3], in.v)};
   if (any_work && (needs[0] || needs[1] || needs[2] || needs[3])) {
     AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "mscmat_scores_backward_cpu", [&] {
-      const Saved saved{from_saved ? probs.data_ptr() : nullptr, from_saved ? readouts.data_ptr() : nullptr};
+      const Saved saved{from_saved ? probs.data_ptr() : nullptr, from_saved ? logit_grads.data_ptr() : nullptr};
       backward_impl<scalar_t>(in, static_cast<scalar_t>(scale), grad.data_ptr<scalar_t>(), saved, grads);
     });
   }
@@ -658,8 +673,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mscmat_scores_for_grad_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscmat_scores_for_grad_backward_cpu(
     const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& word_mask, const at::Tensor& probs,
-    const at::Tensor& readouts, double scale, std::array<bool, 4> needs_grad) {
-  return scores_backward(grad_scores, q, u, k, v, word_mask, probs, readouts, scale, needs_grad);
+    const at::Tensor& logit_grads, double scale, std::array<bool, 4> needs_grad) {
+  return scores_backward(grad_scores, q, u, k, v, word_mask, probs, logit_grads, scale, needs_grad);
 }
 
 }  // namespace

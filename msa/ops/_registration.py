@@ -50,26 +50,26 @@ def _mscmat_scores_for_grad_fake(q, u, k, v, word_mask, scale, keep_softmax):
 
 
 @torch.library.register_fake("msa::mscmat_scores_for_grad_backward")
-def _mscmat_scores_for_grad_backward_fake(grad_scores, q, u, k, v, word_mask, probs, readouts, scale, needs_grad):
+def _mscmat_scores_for_grad_backward_fake(grad_scores, q, u, k, v, word_mask, probs, logit_grads, scale, needs_grad):
     _check_shapes(q, u, k, v, word_mask)
     torch._check(grad_scores.shape == (q.shape[0], k.shape[0]), lambda: "grad_scores must be [Ni, Nt]")
-    torch._check(probs.shape == readouts.shape, lambda: "probs and readouts must have one shape")
+    torch._check(probs.shape == logit_grads.shape, lambda: "probs and logit_grads must have one shape")
     return tuple(torch.empty_like(t) if needed else t.new_empty((0,)) for t, needed in zip((q, u, k, v), needs_grad))
 
 
 def _setup_for_grad(ctx, inputs, output):
     q, u, k, v, word_mask, scale, _ = inputs
-    _, probs, readouts = output
-    ctx.save_for_backward(q, u, k, v, word_mask, probs, readouts)
-    ctx.mark_non_differentiable(probs, readouts)
+    _, probs, logit_grads = output
+    ctx.save_for_backward(q, u, k, v, word_mask, probs, logit_grads)
+    ctx.mark_non_differentiable(probs, logit_grads)
     ctx.scale = scale
 
 
-def _backward_for_grad(ctx, grad_scores, _grad_probs, _grad_readouts):
-    q, u, k, v, word_mask, probs, readouts = ctx.saved_tensors
+def _backward_for_grad(ctx, grad_scores, _grad_probs, _grad_logit_grads):
+    q, u, k, v, word_mask, probs, logit_grads = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
     grads = torch.ops.msa.mscmat_scores_for_grad_backward(
-        grad_scores, q, u, k, v, word_mask, probs, readouts, ctx.scale, needs
+        grad_scores, q, u, k, v, word_mask, probs, logit_grads, ctx.scale, needs
     )
     return *(grad if needed else None for grad, needed in zip(grads, needs)), None, None, None
 

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
-# With gradients, the CPU kernel keeps the softmax p and the readouts r of the forward ([H, Nt, L, Ni] each, in
+# With gradients, the CPU kernel keeps the softmax p and p * (r - o) * scale of the forward ([H, Nt, L, Ni] each, in
 # float32) for the backward while both fit in this many bytes, and recomputes them tile by tile beyond it
 # (8 GEMM-sized products per forward + backward instead of 6). 512 MiB covers Ni = Nt = 400 at L = 32, H = 12.
 # Set with set_saved_softmax_budget() or the MSA_SAVED_SOFTMAX_MB environment variable (read at import).
