@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_op_inputs
 
 from msa.ops import (
     available_backends,
@@ -23,22 +24,6 @@ needs_cpu_kernel = pytest.mark.skipif(
 )
 
 
-def make_inputs(ni, nt, length, heads, head_dim, *, dtype=torch.float32, seed=0, masked=True, requires_grad=False):
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-
-    q, u = randn(ni, heads, head_dim), randn(ni, heads, head_dim)
-    k, v = randn(nt, length, heads, head_dim), randn(nt, length, heads, head_dim)
-    mask = None
-    if masked:
-        mask = torch.rand(nt, length, generator=generator) > 0.4
-        mask[:, 0] = True
-        mask[0] = False  # a fully masked text
-    return q, u, k, v, mask
-
-
 def as_double(*tensors):
     return [t.detach().double() for t in tensors]
 
@@ -50,7 +35,7 @@ GRID = list(itertools.product([1, 7, 97], [1, 7, 97], [1, 30, 33], [1, 12], [8, 
 @pytest.mark.parametrize("ni,nt,length,heads,head_dim", GRID)
 def test_forward_matches_reference(ni, nt, length, heads, head_dim):
     for masked in (False, True):
-        q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, masked=masked)
+        q, u, k, v, mask = make_op_inputs(ni, nt, length, heads, head_dim, mask_kind="masked-texts" if masked else None)
         fused = mscmat_scores(q, u, k, v, mask, backend="cpu")
         expected = mscmat_scores_ref(*as_double(q, u, k, v), mask)
         assert fused.shape == (ni, nt) and fused.dtype == torch.float32
@@ -63,7 +48,7 @@ def test_forward_matches_reference(ni, nt, length, heads, head_dim):
 @needs_cpu_kernel
 @pytest.mark.parametrize("ni,nt,length,heads,head_dim", [(7, 97, 33, 12, 8), (97, 7, 30, 1, 80), (33, 40, 1, 3, 64)])
 def test_float32_gradients_match_reference(ni, nt, length, heads, head_dim):
-    q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(ni, nt, length, heads, head_dim, requires_grad=True)
     grad_out = torch.randn(ni, nt, dtype=torch.float64)
     fused_grads = torch.autograd.grad(mscmat_scores(q, u, k, v, mask, backend="cpu"), (q, u, k, v), grad_out.float())
     ref_inputs = [t.requires_grad_() for t in as_double(q, u, k, v)]
@@ -77,7 +62,7 @@ def test_float32_gradients_match_reference(ni, nt, length, heads, head_dim):
 @pytest.mark.parametrize("threads,heads", [(4, 1), (3, 2), (1, 3)])
 def test_gradients_with_more_threads_than_heads(threads, heads):
     # Fewer heads than threads splits the images into chunks with private dk/dv buffers, summed at the end.
-    q, u, k, v, mask = make_inputs(80, 8, 4, heads, 16, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(80, 8, 4, heads, 16, requires_grad=True)
     grad_out = torch.randn(80, 8)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -94,13 +79,15 @@ def test_gradients_with_more_threads_than_heads(threads, heads):
 @needs_cpu_kernel
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_float64(masked):
-    q, u, k, v, mask = make_inputs(5, 6, 7, 2, 8, dtype=torch.float64, masked=masked, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(
+        5, 6, 7, 2, 8, dtype=torch.float64, mask_kind="masked-texts" if masked else None, requires_grad=True
+    )
     assert torch.autograd.gradcheck(lambda *x: mscmat_scores(*x, mask, backend="cpu"), (q, u, k, v))
 
 
 @needs_cpu_kernel
 def test_bfloat16_runs_in_float32_and_rounds_once():
-    q, u, k, v, mask = make_inputs(9, 11, 30, 4, 32, dtype=torch.bfloat16)
+    q, u, k, v, mask = make_op_inputs(9, 11, 30, 4, 32, dtype=torch.bfloat16)
     fused = mscmat_scores(q, u, k, v, mask, backend="cpu")
     assert fused.dtype == torch.bfloat16
     expected = mscmat_scores_ref(*as_double(q, u, k, v), mask)
@@ -111,7 +98,7 @@ def test_bfloat16_runs_in_float32_and_rounds_once():
 @needs_cpu_kernel
 @pytest.mark.parametrize("masked", [False, True])
 def test_opcheck(masked):
-    q, u, k, v, mask = make_inputs(6, 5, 9, 2, 8, masked=masked, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(6, 5, 9, 2, 8, mask_kind="masked-texts" if masked else None, requires_grad=True)
     torch.library.opcheck(torch.ops.msa.mscmat_scores.default, (q, u, k, v, mask, 0.3))
     grad = torch.randn(6, 5)
     torch.library.opcheck(
@@ -122,7 +109,7 @@ def test_opcheck(masked):
 @needs_cpu_kernel
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
 def test_torch_compile_fullgraph(backend):
-    q, u, k, v, mask = make_inputs(8, 9, 10, 2, 16, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(8, 9, 10, 2, 16, requires_grad=True)
 
     def scores_sum(q, u, k, v, mask):
         return (mscmat_scores(q, u, k, v, mask, backend=backend) * 2.0).sum()
@@ -139,7 +126,7 @@ def test_torch_compile_fullgraph(backend):
 
 @needs_cpu_kernel
 def test_non_contiguous_and_expanded_inputs():
-    q, u, k, v, mask = make_inputs(6, 5, 9, 3, 8)
+    q, u, k, v, mask = make_op_inputs(6, 5, 9, 3, 8)
     q_strided = torch.randn(3, 6, 8).transpose(0, 1)  # [6, 3, 8], not contiguous
     u_expanded = torch.randn(1, 3, 8).expand(6, 3, 8)  # stride 0 along images
     k_sliced = torch.randn(5, 9, 3, 16)[..., ::2]  # every other element of the last dim
@@ -152,14 +139,14 @@ def test_non_contiguous_and_expanded_inputs():
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
 @pytest.mark.parametrize("ni,nt", [(0, 5), (4, 0), (0, 0)])
 def test_empty_batch_gives_empty_scores(backend, ni, nt):
-    q, u, k, v, mask = make_inputs(ni, nt, 6, 2, 8, masked=False)
+    q, u, k, v, mask = make_op_inputs(ni, nt, 6, 2, 8, mask_kind=None)
     scores = mscmat_scores(q, u, k, v, backend=backend)
     assert scores.shape == (ni, nt)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_nan_and_inf_propagate_like_torch(backend):
-    q, u, k, v, mask = make_inputs(4, 5, 6, 2, 8, masked=False)
+    q, u, k, v, mask = make_op_inputs(4, 5, 6, 2, 8, mask_kind=None)
     q[1, 0, 0] = float("nan")
     v[2, 3, 1, 4] = float("inf")
     scores = mscmat_scores(q, u, k, v, backend=backend)
@@ -187,20 +174,20 @@ def test_nan_and_inf_propagate_like_torch(backend):
     ],
 )
 def test_bad_inputs_name_the_argument(change, message):
-    q, u, k, v, _ = make_inputs(4, 5, 6, 3, 8, masked=False)
+    q, u, k, v, _ = make_op_inputs(4, 5, 6, 3, 8, mask_kind=None)
     arguments = change({"q": q, "u": u, "k": k, "v": v, "word_mask": None})
     with pytest.raises((ValueError, TypeError), match=message):
         mscmat_scores(**arguments)
 
 
 def test_unknown_backend_is_rejected():
-    q, u, k, v, _ = make_inputs(2, 3, 4, 1, 8, masked=False)
+    q, u, k, v, _ = make_op_inputs(2, 3, 4, 1, 8, mask_kind=None)
     with pytest.raises(ValueError, match="unknown backend 'fastest'"):
         mscmat_scores(q, u, k, v, backend="fastest")
 
 
 def test_unavailable_backend_names_the_fix():
-    q, u, k, v, _ = make_inputs(2, 3, 4, 1, 8, masked=False)
+    q, u, k, v, _ = make_op_inputs(2, 3, 4, 1, 8, mask_kind=None)
     with pytest.raises(RuntimeError, match="'cuda' backend runs on CUDA tensors"):
         mscmat_scores(q, u, k, v, backend="cuda")
 
@@ -210,7 +197,7 @@ def test_missing_extension_falls_back_to_reference(monkeypatch):
     assert resolve_backend("auto", "cpu") == "reference"
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
         resolve_backend("cpu", "cpu")
-    q, u, k, v, mask = make_inputs(3, 4, 5, 2, 8)
+    q, u, k, v, mask = make_op_inputs(3, 4, 5, 2, 8)
     torch.testing.assert_close(mscmat_scores(q, u, k, v, mask), mscmat_scores_ref(q, u, k, v, mask))
 
 
@@ -236,7 +223,7 @@ def _poison_masked_words(k, v, mask):
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_masked_words_contribute_nothing_whatever_their_values(backend):
-    q, u, k, v, mask = make_inputs(6, 7, 9, 3, 8, dtype=torch.float64, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(6, 7, 9, 3, 8, dtype=torch.float64, requires_grad=True)
     bad_k, bad_v = _poison_masked_words(k, v, mask)
     grad_out = torch.randn(6, 7, dtype=torch.float64)
     clean = mscmat_scores(q, u, k, v, mask, backend=backend)
@@ -252,7 +239,7 @@ def test_masked_words_contribute_nothing_whatever_their_values(backend):
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_fully_masked_text_scores_zero_even_for_non_finite_images(backend):
-    q, u, k, v, mask = make_inputs(4, 5, 6, 2, 8, dtype=torch.float64, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(4, 5, 6, 2, 8, dtype=torch.float64, requires_grad=True)
     assert not mask[0].any()
     q, u = q.detach().clone(), u.detach().clone()
     q[1], u[2] = float("nan"), float("inf")
@@ -279,7 +266,7 @@ def saved_softmax_budget():
 @pytest.mark.parametrize("ni,nt,length,heads,head_dim", [(7, 97, 33, 12, 8), (130, 9, 30, 2, 64), (17, 5, 1, 3, 16)])
 def test_both_backward_paths_match_reference(saved_softmax_budget, budget, ni, nt, length, heads, head_dim):
     saved_softmax_budget(budget)
-    q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(ni, nt, length, heads, head_dim, requires_grad=True)
     grad_out = torch.randn(ni, nt, dtype=torch.float64)
     fused = mscmat_scores(q, u, k, v, mask, backend="cpu")
     fused_grads = torch.autograd.grad(fused, (q, u, k, v), grad_out.float())
@@ -296,13 +283,15 @@ def test_both_backward_paths_match_reference(saved_softmax_budget, budget, ni, n
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_both_backward_paths(saved_softmax_budget, budget, masked):
     saved_softmax_budget(budget)
-    q, u, k, v, mask = make_inputs(5, 6, 7, 2, 8, dtype=torch.float64, masked=masked, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(
+        5, 6, 7, 2, 8, dtype=torch.float64, mask_kind="masked-texts" if masked else None, requires_grad=True
+    )
     assert torch.autograd.gradcheck(lambda *x: mscmat_scores(*x, mask, backend="cpu"), (q, u, k, v))
 
 
 @needs_cpu_kernel
 def test_softmax_is_kept_only_within_the_budget(saved_softmax_budget, monkeypatch):
-    q, u, k, v, mask = make_inputs(6, 5, 9, 3, 8, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(6, 5, 9, 3, 8, requires_grad=True)
     needed = saved_softmax_bytes(q, k)
     assert needed == 2 * 3 * 5 * 9 * 6 * 4
     calls = []
@@ -331,7 +320,7 @@ def test_saved_softmax_budget_rejects_negative_sizes():
 @needs_cpu_kernel
 @pytest.mark.parametrize("keep_softmax", [False, True])
 def test_backward_computes_only_the_gradients_asked_for(keep_softmax):
-    q, u, k, v, mask = make_inputs(6, 5, 9, 3, 8)
+    q, u, k, v, mask = make_op_inputs(6, 5, 9, 3, 8)
     scale = 8**-0.5
     _, probs, readouts = torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, mask, scale, keep_softmax)
     grad = torch.randn(6, 5)
@@ -354,7 +343,7 @@ def test_backward_computes_only_the_gradients_asked_for(keep_softmax):
 @needs_cpu_kernel
 @pytest.mark.parametrize("keep_softmax", [False, True])
 def test_opcheck_of_the_ops_for_gradients(keep_softmax):
-    q, u, k, v, mask = make_inputs(6, 5, 9, 2, 8, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(6, 5, 9, 2, 8, requires_grad=True)
     torch.library.opcheck(torch.ops.msa.mscmat_scores_for_grad.default, (q, u, k, v, mask, 0.3, keep_softmax))
     _, probs, readouts = torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, mask, 0.3, keep_softmax)
     detached = [t.detach() for t in (q, u, k, v)]
@@ -385,7 +374,7 @@ def test_fake_kernel_checks_shapes():
 @pytest.mark.parametrize("budget", [0, 2**40], ids=["recompute", "keep-softmax"])
 def test_torch_compile_fullgraph_both_backward_paths(saved_softmax_budget, budget):
     saved_softmax_budget(budget)
-    q, u, k, v, mask = make_inputs(8, 9, 10, 2, 16, requires_grad=True)
+    q, u, k, v, mask = make_op_inputs(8, 9, 10, 2, 16, requires_grad=True)
 
     def scores_sum(q, u, k, v, mask):
         return (mscmat_scores(q, u, k, v, mask, backend="cpu") * 2.0).sum()
@@ -398,7 +387,7 @@ def test_torch_compile_fullgraph_both_backward_paths(saved_softmax_budget, budge
 
 
 def test_head_dim_zero_is_rejected():
-    q, u, k, v, _ = make_inputs(2, 3, 4, 1, 0, masked=False)
+    q, u, k, v, _ = make_op_inputs(2, 3, 4, 1, 0, mask_kind=None)
     with pytest.raises(ValueError, match="head dim Dh"):
         mscmat_scores(q, u, k, v)
 
