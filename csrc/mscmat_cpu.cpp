@@ -198,7 +198,7 @@ MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& 
     const T* r_j = r + j * L * ld;
     for (int64_t c = 0; c < tile.bi; c += kLanes) {
       const int64_t lanes = std::min(kLanes, tile.bi - c);
-      T den[kLanes], sum[kLanes];
+      T den[kLanes] = {}, sum[kLanes] = {};
       if (tile.has_words[j]) {
         if (probs != nullptr) {
           text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
@@ -214,6 +214,13 @@ MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& 
       if (probs == nullptr) {
         continue;
       }
+      // One division per lane, not two per word: 1 / denominator and the head's output o.
+      T inv_den[kLanes], head_out[kLanes];
+#pragma omp simd
+      for (int64_t t = 0; t < kLanes; ++t) {
+        inv_den[t] = T(1) / den[t];
+        head_out[t] = sum[t] * inv_den[t];
+      }
       for (int64_t l = 0; l < L; ++l) {
         T* p_out = probs + (j * L + l) * out_ld + c;
         T* a_out = logit_grads + (j * L + l) * out_ld + c;
@@ -226,9 +233,9 @@ MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& 
         const T* r_row = r_j + l * ld + c;
 #pragma omp simd
         for (int64_t t = 0; t < lanes; ++t) {
-          const T prob = e_row[t] / den[t];
+          const T prob = e_row[t] * inv_den[t];
           p_out[t] = prob;
-          a_out[t] = prob * (r_row[t] - sum[t] / den[t]) * scale;
+          a_out[t] = prob * (r_row[t] - head_out[t]) * scale;
         }
       }
     }
