@@ -410,3 +410,15 @@ def test_auto_falling_back_to_the_reference_warns_once(monkeypatch, caplog):
     import msa
 
     assert "einsum reference" in warnings[0] and str(Path(msa.__file__).parent) in warnings[0]
+
+
+def test_saved_softmax_budget_from_the_environment(saved_softmax_budget, monkeypatch):
+    monkeypatch.setenv("MSA_SAVED_SOFTMAX_MB", "1.5")
+    saved_softmax_budget(None)
+    assert dispatcher._saved_softmax_budget == int(1.5 * 2**20)
+    monkeypatch.setenv("MSA_SAVED_SOFTMAX_MB", "lots")
+    with pytest.raises(ValueError, match="MSA_SAVED_SOFTMAX_MB \\(environment variable\\) must be a number"):
+        saved_softmax_budget(None)
+    monkeypatch.delenv("MSA_SAVED_SOFTMAX_MB")
+    saved_softmax_budget(None)
+    assert dispatcher._saved_softmax_budget == dispatcher.DEFAULT_SAVED_SOFTMAX_BUDGET
