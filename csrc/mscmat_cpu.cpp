@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -360,6 +361,21 @@ struct Problem {
   int64_t num_images, num_texts, heads, head_dim, num_words;
 };
 
+// Runs items [0, num_items) on ATen's threads, each thread taking the next item when it finishes one, so that a
+// thread the OS preempts (a shared machine) holds up one item rather than a fixed share of them. make_worker()
+// runs once per thread and returns the function that does one item (owning that thread's scratch).
+template <typename MakeWorker>
+void for_each_item(int64_t num_items, const MakeWorker& make_worker) {
+  std::atomic<int64_t> next_item{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_items);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto work = make_worker();
+    for (int64_t item = next_item++; item < num_items; item = next_item++) {
+      work(item);
+    }
+  });
+}
+
 // Tile sizes: 128 x 512 GEMM outputs run at the BLAS's full rate with K = Dh = 64 and keep S and R (256 KiB
 // each in float32) in L2; shrunk until there are two tiles per thread.
 inline void choose_tiles(const Problem& p, int64_t& image_block, int64_t& text_block) {
@@ -454,9 +470,9 @@ void forward_impl(const Inputs& in, T* out, const Saved& saved) {
   T* probs = static_cast<T*>(saved.probs);
   T* logit_grads = static_cast<T*>(saved.logit_grads);
 
-  at::parallel_for(0, image_tiles * text_tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
-    std::vector<T> logits(text_block * L * max_ld), reads(text_block * L * max_ld), acc(text_block * max_ld);
-    for (int64_t tile_index = first_tile; tile_index < end_tile; ++tile_index) {
+  for_each_item(image_tiles * text_tiles, [&] {
+    return [&, logits = std::vector<T>(text_block * L * max_ld), reads = std::vector<T>(text_block * L * max_ld),
+            acc = std::vector<T>(text_block * max_ld)](int64_t tile_index) mutable {
       // Text-major order: consecutive tiles of a thread share their text tile, so its k and v (the large
       // operands at test-split sizes) come from cache for every image tile after the first.
       const int64_t j0 = (tile_index / image_tiles) * text_block, i0 = (tile_index % image_tiles) * image_block;
@@ -479,7 +495,7 @@ void forward_impl(const Inputs& in, T* out, const Saved& saved) {
           out[(i0 + i) * p.num_texts + j0 + j] = acc[j * tile.ld + i];
         }
       }
-    }
+    };
   });
 }
 
@@ -523,9 +539,9 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
   T* dq = grads.dq.defined() ? grads.dq.data_ptr<T>() : nullptr;
   T* du = grads.du.defined() ? grads.du.data_ptr<T>() : nullptr;
 
-  at::parallel_for(0, p.heads * chunks, 1, [&](int64_t first_item, int64_t end_item) {
-    std::vector<T> ds(text_block * L * max_ld), dr(text_block * L * max_ld), grad_t(text_block * max_ld);
-    for (int64_t item = first_item; item < end_item; ++item) {
+  for_each_item(p.heads * chunks, [&] {
+    return [&, ds = std::vector<T>(text_block * L * max_ld), dr = std::vector<T>(text_block * L * max_ld),
+            grad_t = std::vector<T>(text_block * max_ld)](int64_t item) mutable {
       const int64_t h = item / chunks, chunk = item % chunks;
       const int64_t first_image = chunk * tiles_per_chunk * image_block;
       const int64_t end_image = std::min(p.num_images, (chunk + 1) * tiles_per_chunk * image_block);
@@ -573,7 +589,7 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
           }
         }
       }
-    }
+    };
   });
   for (int64_t c = 1; c < chunks; ++c) {
     if (grads.dk.defined()) {
