@@ -3,11 +3,19 @@
     python benchmarks/bench_mscmat.py                 # every case for this device
     python benchmarks/bench_mscmat.py --quick         # small shapes only (a smoke run)
     python benchmarks/bench_mscmat.py --out DIR       # where the JSON rows and the markdown table go
+    python benchmarks/bench_mscmat.py --targets       # only the cases with a target (see TARGETS)
+    python benchmarks/bench_mscmat.py --cases "B=128 forward+backward" RSICD   # cases whose "name mode" matches
 
 Every figure that matters is a ratio measured side by side in this one run: the fused op against the reference,
 and its achieved FLOP rate against this device's dense matmul rate measured here too (fp32 on a CPU, bf16 on a
 GPU). FLOPs are counted as 4 * L * H * Dh per (image, text) pair forward (two dot products of length Dh per word
 and head); backward as twice that.
+
+Built for a shared, noisy machine: after a warm-up call, the providers of a case and the dense matmul take turns
+(the order rotates every round), so that a load spike hits all of them; each ratio is computed per round and
+reported as min / median / max over the rounds, with the load average at the start and end of the case. A speed-up
+whose spread crosses 1.0 (or a matmul fraction whose spread crosses its target) is flagged "noisy": rerun it on a
+quieter machine before quoting it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,13 @@ from msa.ops import available_backends, mscmat_scores, mscmat_scores_ref
 REPO = Path(__file__).resolve().parents[1]
 # The unchunked reference is run only while its [Ni, Nt, H, L] temporaries fit in this budget.
 REFERENCE_MEMORY_BUDGET = 6 * 2**30
+# Cases with a target on a CPU: the fused op's speed-up over the reference under autograd, and its forward FLOP rate
+# as a fraction of the dense fp32 matmul rate measured in the same rounds.
+TARGETS = {
+    ("train B=128", "forward+backward"): ("speedup", 2.0),
+    ("RSITMD test", "forward"): ("of_matmul", 0.75),
+    ("RSICD test", "forward"): ("of_matmul", 0.75),
+}
 
 
 @dataclass
@@ -49,6 +64,13 @@ class Row:
     fraction_of_matmul: float | None
     note: str = ""
     environment: dict = field(default_factory=dict)
+    # Spread over the timed rounds: (min, median, max) of the time, of the speed-up over the reference measured in
+    # the same round, and of the fraction of that round's matmul rate; the load average before and after.
+    ms_spread: tuple | None = None
+    speedup_spread: tuple | None = None
+    of_matmul_spread: tuple | None = None
+    load_average: tuple | None = None
+    target: str = ""
 
 
 def environment(device: torch.device) -> dict:
@@ -280,38 +302,103 @@ def call_from_spec(spec: dict, device: torch.device) -> Callable[[], object]:
     return op_call(spec["provider"], spec["mode"], q, u, k, v, spec["chunked"])
 
 
-def bench_op_case(name, ni, nt, length, heads, head_dim, dtype, mode, device, rate, repeats, env) -> list[Row]:
+def spread(values: list[float]) -> tuple[float, float, float] | None:
+    return (min(values), statistics.median(values), max(values)) if values else None
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def interleaved_seconds(calls: dict, device: torch.device, rounds: int, once: set) -> dict[str, list[float]]:
+    """Per-round seconds of every call, the calls taking turns in an order that rotates each round; each is warmed
+    up once first. Calls in `once` (too slow to repeat) are timed once, in the first round, without a warm-up."""
+    names = list(calls)
+    for name in names:
+        if name not in once:
+            calls[name]()
+    synchronize(device)
+    times = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if name in once and times[name]:
+                continue
+            start = time.perf_counter()
+            calls[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_call(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], float]:
+    """A dense square matmul and its FLOP count: the rate every fused row is compared with, in the same rounds."""
+    size = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return (lambda: a @ b), 2 * size**3
+
+
+def target_note(name: str, mode: str, row: Row) -> str:
+    kind, goal = TARGETS.get((name, mode), (None, None))
+    values = {"speedup": row.speedup_spread, "of_matmul": row.of_matmul_spread}.get(kind)
+    if values is None:
+        return ""
+    low, median, high = values
+    verdict = "met" if median >= goal else "missed"
+    if low < goal <= high:
+        verdict += ", noisy"
+    return f"target {kind} >= {goal:g}: median {median:.2f} ({verdict})"
+
+
+def bench_op_case(name, ni, nt, length, heads, head_dim, dtype, mode, device, rate_dtype, repeats, env) -> list[Row]:
     rows = []
     requires_grad = mode != "forward"
     q, u, k, v = make_inputs(ni, nt, length, heads, head_dim, device, dtype, requires_grad)
     shape = {"Ni": ni, "Nt": nt, "L": length, "H": heads, "Dh": head_dim}
     flops = 4 * length * heads * head_dim * ni * nt * {"forward": 1, "backward": 2, "forward+backward": 3}[mode]
     error_rows = None if ni * nt <= 300_000 else 64
+    calls, notes, once, chunked_providers = {}, {}, set(), set()
     for provider in op_providers(device):
-        note = ""
         needs = reference_bytes(ni, nt, length, heads, dtype) * (2 if requires_grad else 1)
         chunked = provider.startswith("reference") and needs > REFERENCE_MEMORY_BUDGET
+        if chunked and (requires_grad or provider == "reference-compiled"):
+            note = f"needs {needs / 2**30:.1f} GB for its [Ni, Nt, H, L] temporaries: not run"
+            rows.append(Row(name, provider, mode, str(dtype), shape, None, None, None, None, None, note, env))
+            continue
+        notes[provider] = [f"chunked over images (unchunked it needs {needs / 2**30:.1f} GB)"] if chunked else []
+        calls[provider] = op_call(provider, mode, q, u, k, v, chunked)
+        if provider.startswith("reference") and ni * nt > 300_000:
+            once.add(provider)  # minutes per call at test-split sizes: one timed call
+            notes[provider].append("one timed call")
         if chunked:
-            if requires_grad or provider == "reference-compiled":
-                rows.append(
-                    Row(name, provider, mode, str(dtype), shape, None, None, None, None, None,
-                        f"needs {needs / 2**30:.1f} GB for its [Ni, Nt, H, L] temporaries: not run", env)
-                )  # fmt: skip
-                continue
-            note = f"chunked over images (unchunked it needs {needs / 2**30:.1f} GB)"
-        call = op_call(provider, mode, q, u, k, v, chunked)
-        provider_repeats = 1 if provider.startswith("reference") and ni * nt > 300_000 else repeats
+            chunked_providers.add(provider)
+    matmul, matmul_flops = matmul_call(device, rate_dtype)
+    loads = [load_average()]
+    times = interleaved_seconds({**calls, "matmul": matmul}, device, repeats, once)
+    loads.append(load_average())
+    rates = [matmul_flops / seconds for seconds in times["matmul"]]
+    reference = next((p for p in ("reference",) if p in calls and p not in once), None)
+    for provider, call in calls.items():
         scores = call()
-        seconds = median_seconds(call, device, provider_repeats, warmup=0)
         error, error_note = max_error_vs_float64(scores, q, u, k, v, error_rows)
         del scores
         spec = {"kind": "op", "shape": [ni, nt, length, heads, head_dim], "dtype": str(dtype), "mode": mode}
-        peak = peak_extra_mib({**spec, "provider": provider, "chunked": chunked}, device)
-        achieved = flops / seconds
-        rows.append(
-            Row(name, provider, mode, str(dtype), shape, seconds * 1e3, peak, error, achieved / 1e12,
-                achieved / rate, "; ".join(filter(None, [note, error_note])), env)
-        )  # fmt: skip
+        peak = peak_extra_mib({**spec, "provider": provider, "chunked": provider in chunked_providers}, device)
+        seconds = times[provider]
+        median = statistics.median(seconds)
+        row = Row(name, provider, mode, str(dtype), shape, median * 1e3, peak, error, flops / median / 1e12,
+                  flops / median / statistics.median(rates), "; ".join(filter(None, [*notes[provider], error_note])),
+                  env, ms_spread=spread([t * 1e3 for t in seconds]), load_average=tuple(loads))  # fmt: skip
+        if provider not in once:
+            row.of_matmul_spread = spread([flops / t / r for t, r in zip(seconds, rates)])
+            if reference is not None and provider != reference:
+                row.speedup_spread = spread([r / t for r, t in zip(times[reference], seconds)])
+        row.target = target_note(name, mode, row) if not provider.startswith("reference") else ""
+        rows.append(row)
     return rows
 
 
@@ -356,37 +443,55 @@ def cases(device: torch.device, quick: bool):
     return found
 
 
+def _range(values, pattern: str) -> str:
+    if values is None:
+        return ""
+    low, median, high = (pattern.format(x) for x in values)
+    return f"{median} [{low}–{high}]"
+
+
 def markdown(rows: list[Row], rate: float, rate_dtype: str, env: dict) -> str:
     lines = [
         f"device: {env['device']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
         f"git {env['git_sha']}",
-        f"measured dense {rate_dtype} matmul rate: {rate / 1e12:.3f} TFLOP/s",
+        f"dense {rate_dtype} matmul rate at the start: {rate / 1e12:.3f} TFLOP/s (each row uses the rate measured in "
+        "its own rounds)",
         "",
-        "| case | shape | dtype | mode | provider | median ms | vs reference | TFLOP/s | of matmul | peak extra MiB "
-        "| max abs err | note |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| case | shape | dtype | mode | provider | ms: median [min–max] | vs reference | TFLOP/s | of matmul "
+        "| peak extra MiB | max abs err | load avg | target | note |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    reference_ms = {}
+    pairs_ms = {}
     for row in rows:
-        if row.provider in ("reference", "pairs") and row.median_ms is not None:
-            reference_ms.setdefault((row.case, row.mode, row.dtype), {})[row.provider] = row.median_ms
+        if row.provider == "pairs" and row.median_ms is not None:
+            pairs_ms[(row.case, row.mode, row.dtype)] = row.median_ms
     for row in rows:
-        baselines = reference_ms.get((row.case, row.mode, row.dtype), {})
-        baseline = baselines.get("pairs", baselines.get("reference"))
-        speedup = f"{baseline / row.median_ms:.1f}x" if baseline and row.median_ms else ""
 
         def fmt(value, pattern):
             return "" if value is None else pattern.format(value)
 
+        speedup = _range(row.speedup_spread, "{:.2f}x")
+        baseline = pairs_ms.get((row.case, row.mode, row.dtype))
+        if not speedup and baseline and row.median_ms and row.provider != "pairs":
+            speedup = f"{baseline / row.median_ms:.1f}x (vs pairs)"
+        if row.speedup_spread and row.speedup_spread[0] < 1.0 <= row.speedup_spread[2]:
+            speedup += " noisy"
+        of_matmul = _range(row.of_matmul_spread, "{:.0%}") or fmt(row.fraction_of_matmul, "{:.0%}")
+        time_ms = _range(row.ms_spread, "{:.2f}") or fmt(row.median_ms, "{:.2f}")
+        load = "–".join(f"{x:.1f}" for x in row.load_average) if row.load_average else ""
         shape = " ".join(f"{k}={v}" for k, v in row.shape.items())
         lines.append(
             f"| {row.case} | {shape} | {row.dtype.replace('torch.', '')} | {row.mode} | {row.provider} "
-            f"| {fmt(row.median_ms, '{:.2f}')} | {speedup} | {fmt(row.tflops, '{:.3f}')} "
-            f"| {fmt(row.fraction_of_matmul, '{:.0%}')} | {fmt(row.peak_extra_mib, '{:.0f}')} "
-            f"| {fmt(row.max_abs_error, '{:.1e}')} | {row.note} |"
+            f"| {time_ms} | {speedup} | {fmt(row.tflops, '{:.3f}')} | {of_matmul} "
+            f"| {fmt(row.peak_extra_mib, '{:.0f}')} | {fmt(row.max_abs_error, '{:.1e}')} | {load} | {row.target} "
+            f"| {row.note} |"
         )
     lines.append("")
-    lines.append("'vs reference': the einsum reference's time (the pairs computation's for the layer) / this row's.")
+    lines.append(
+        "'vs reference': the einsum reference's time / this row's, per round (median [min–max]); 'noisy': the spread "
+        "crosses 1.0. 'of matmul': this row's FLOP rate / the dense matmul's in the same round. 'load avg': the "
+        "1-minute load average before and after the case."
+    )
     return "\n".join(lines)
 
 
@@ -395,12 +500,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes only, as a smoke test")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out", help="folder for JSON and markdown")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per fused measurement (median)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per case (providers take turns)")
+    parser.add_argument("--cases", nargs="+", metavar="TEXT", help='only cases whose "name mode" contains a TEXT')
+    parser.add_argument("--targets", action="store_true", help="only the cases with a target (and no layer runs)")
     parser.add_argument("--no-pairs", action="store_true", help="skip the published pairs computation (slow)")
     parser.add_argument("--peak-memory-of", help=argparse.SUPPRESS)  # internal: one measurement, in a child
     args = parser.parse_args(argv)
     if args.peak_memory_of:
-        call = call_from_spec(json.loads(args.peak_memory_of), torch.device(args.device))
+        spec = json.loads(args.peak_memory_of)
+        call = call_from_spec(spec, torch.device(args.device))
+        if not spec.get("chunked") and spec.get("provider") != "pairs":
+            call()  # the first call also pays one-time allocations (BLAS buffers, thread pools): not the op's
         with peak_memory(torch.device(args.device)) as peak:
             call()
         print("nan" if peak[0] is None else peak[0] / 2**20)
@@ -416,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "cuda-" + env["device"].replace(" ", "_") if device.type == "cuda" else "cpu"
-    stem = args.out / f"bench_mscmat_{tag}{'-quick' if args.quick else ''}"
+    suffix = "-quick" if args.quick else "-targets" if args.targets else "-cases" if args.cases else ""
+    stem = args.out / f"bench_mscmat_{tag}{suffix}"
     rows: list[Row] = []
 
     def save() -> str:
@@ -429,10 +540,20 @@ def main(argv: list[str] | None = None) -> int:
         return table
 
     todo = cases(device, args.quick)
+    if args.targets:
+        todo = [case for case in todo if (case[0], case[-1]) in TARGETS and case[-2] == torch.float32]
+    if args.cases:
+        todo = [case for case in todo if any(text in f"{case[0]} {case[-1]}" for text in args.cases)]
+        if not todo:
+            parser.error(f"--cases {' '.join(args.cases)} matches no case of this device")
     for index, (name, ni, nt, length, heads, head_dim, dtype, mode) in enumerate(todo, 1):
-        print(f"[{index}/{len(todo)}] {name} {mode} {dtype} ...", file=sys.stderr)
-        rows += bench_op_case(name, ni, nt, length, heads, head_dim, dtype, mode, device, rate, args.repeats, env)
+        print(f"[{index}/{len(todo)}] {name} {mode} {dtype} (load {load_average()}) ...", file=sys.stderr)
+        rows += bench_op_case(name, ni, nt, length, heads, head_dim, dtype, mode, device, rate_dtype, args.repeats, env)
         save()
+    if args.targets or args.cases:
+        print(save())
+        print(f"wrote {stem}.json and .md", file=sys.stderr)
+        return 0
     fused = [name for name in op_providers(device) if not name.startswith("reference")]
     batch = 8 if args.quick else 64
     print(f"[layer] MSCMAT layer forward, B={batch} ...", file=sys.stderr)

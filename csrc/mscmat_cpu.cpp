@@ -1,31 +1,51 @@
-// Fused CPU kernels of msa::mscmat_scores, forward and backward.
+// Fused CPU kernels of the msa:: scores operators, forward and backward.
 //
 //   scores[i, j] = sum_h sum_l p[i,j,h,l] * r[i,j,h,l]
 //   p[i,j,h,:]  = softmax over the valid words l of  scale * <q[i,h], k[j,l,h]>
 //   r[i,j,h,l]  = <u[i,h], v[j,l,h]>
 //
 // Tiling: the output is cut into tiles of (image block) x (text block). For one tile and one head the
-// logits S = Q_h K_h^T and the readouts R = U_h V_h^T are two small GEMMs ([bi, Dh] x [Dh, bj*L]) done by
-// ATen's BLAS into a per-thread scratch buffer that stays in L2; the masked softmax over each text's L
-// words and the weighted sum with R run straight after, while the tile is still in cache. Nothing of size
-// Ni*Nt*L is ever allocated: the scratch is bi * bj * L per thread.
+// logits and readouts are two BLAS GEMMs computed TRANSPOSED, S^T = K_h (scale Q_h)^T and R^T = V_h U_h^T, each
+// [bj * L, bi]: a text's words are rows and the images are contiguous columns. The masked softmax then runs
+// down the L rows of a text with the images as vector lanes, so the max, the denominator and the weighted sum
+// are plain vertical vector operations (no horizontal reductions per (image, text) pair), a masked word is one
+// skipped row (its k and v are never read, whatever they hold), and everything happens while the tile is in
+// L2. Nothing of size Ni * Nt * L is allocated unless the caller asks to keep the softmax: the scratch is
+// bi * bj * L per thread.
 //
-// Backward recomputes S and R per tile (no softmax is stored), turns them in place into
+// Backward turns the tile in place into
 //   dS = g * p * (r - o) * scale   and   dR = g * p          (o = sum_l p r, the head's output)
-// and accumulates dq += dS K, dk += dS^T Q, du += dR V, dv += dR^T U with four more GEMMs.
-// Work items are (head, image chunk): heads never share a gradient slice, so as long as there are at
-// least as many heads as threads, every thread writes its own slices and no reduction is needed.
+// and accumulates dq += dS K, dk += dS^T Q, du += dR V, dv += dR^T U with up to four more GEMMs (only those of
+// the gradients asked for). p and r are either recomputed per tile (two more GEMMs) or read from the
+// forward's saved p and p (r - o) scale ([H, Nt, L, Ni], the same transposed layout), when dS and dR are
+// just g times them. Work items are (head, image chunk):
+// heads never share a gradient slice, so as long as there are at least as many heads as threads, every
+// thread writes its own slices and no reduction is needed.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+// The Fortran BLAS that torch links (MKL on x86-64 wheels) exports these. They are called directly because a
+// GEMM here is small (~10 MFLOP) and each at::mm_out costs tensor construction and a dispatch on top; weak, so
+// that a torch built without them still loads this module and takes the ATen path.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace msa {
 namespace {
@@ -44,9 +64,17 @@ namespace {
 #define MSA_ALWAYS_INLINE inline
 #endif
 
+// Images processed side by side by the softmax loops: one AVX-512 register of floats. Scratch rows are padded
+// to a multiple of it, so full-width loops never need a remainder.
+constexpr int64_t kLanes = 16;
+
+inline int64_t round_up(int64_t x, int64_t multiple) {
+  return (x + multiple - 1) / multiple * multiple;
+}
+
 // exp for float that the compiler can vectorize: e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2,
 // and a degree-6 polynomial for e^r (Cephes' expf coefficients, ~1 ulp). NaN stays NaN because the
-// clamps compare false on it; -inf gives e^-87, which the caller multiplies by 0.
+// clamps compare false on it.
 MSA_ALWAYS_INLINE float exp_approx(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
@@ -73,146 +101,280 @@ inline double exp_approx(double x) {
   return std::exp(x);
 }
 
-// Turns the logits of one (image, text, head) segment into unnormalised softmax weights e (written over
-// the logits) and returns their maximum; -inf when no word is valid, NaN when no valid logit is a number. `keep` is 1 for a valid word and 0 for
-// a masked one: a float, not a bool, so that both loops compile to compares and blends and vectorize.
-template <typename scalar_t>
-MSA_ALWAYS_INLINE scalar_t masked_exp_segment(scalar_t* logits, const scalar_t* keep, int64_t num_words,
-                                              scalar_t scale) {
-  constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
-  scalar_t row_max = kNegInf;
-#pragma omp simd reduction(max : row_max)
+// Row-major C[M, N] = op(A) op(B) + beta * C with op(X) = X^T when trans_x; lda/ldb/ldc are row strides.
+// beta = 0 ignores what C held (NaN included). BLAS is column-major, so it computes C^T = op(B)^T op(A)^T.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  using Fortran = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
+                           const int*, const T*, const int*, const T*, T*, const int*);
+  Fortran blas = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    blas = sgemm_;
+  } else {
+    blas = dgemm_;
+  }
+  if (blas != nullptr) {
+    const char op_a = trans_a ? 'T' : 'N', op_b = trans_b ? 'T' : 'N';
+    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+    const T one = 1;
+    blas(&op_b, &op_a, &in, &im, &ik, &one, b, &ildb, a, &ilda, &beta, c, &ildc);
+    return;
+  }
+  // from_blob keeps worker threads away from the caller's tensors (and their inference-mode or autograd state).
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto matrix = [&](const T* data, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+    auto* ptr = const_cast<T*>(data);
+    return trans ? at::from_blob(ptr, {cols, rows}, {ld, 1}, options).t()
+                 : at::from_blob(ptr, {rows, cols}, {ld, 1}, options);
+  };
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  out.addmm_(matrix(a, trans_a, m, k, lda), matrix(b, trans_b, k, n, ldb), beta, 1);
+}
+
+// Shapes of one call, and of one tile: the transposed scratch is [bj * L rows, ld] with ld = bi rounded up to
+// kLanes; `keep` points at the tile's first text ([bj, L], 1 = valid word), `has_words` says which texts have one.
+struct TileShape {
+  int64_t bi, bj, num_words, ld;
+  double scale;
+  const void* keep;
+  const uint8_t* has_words;
+};
+
+// The masked softmax of one text for kLanes images: returns the denominator sum_l e_l and the weighted sum
+// sum_l e_l r_l with e_l = exp(s_l - max), over the valid words only (s already holds scale * <q, k>). kStore
+// writes e over s.
+// A NaN logit makes its images' sums NaN (the max skips it, the exp does not), as torch's softmax does.
+template <typename T, bool kStore>
+MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep, int64_t num_words, T* denom,
+                                    T* weighted) {
+  T row_max[kLanes];
+  for (int64_t t = 0; t < kLanes; ++t) {
+    row_max[t] = -std::numeric_limits<T>::infinity();
+  }
   for (int64_t l = 0; l < num_words; ++l) {
-    const scalar_t logit = keep[l] != scalar_t(0) ? logits[l] * scale : kNegInf;
-    logits[l] = logit;
-    row_max = logit > row_max ? logit : row_max;
-  }
-  if (row_max == kNegInf) {
-    const bool any_valid = std::any_of(keep, keep + num_words, [](scalar_t x) { return x != scalar_t(0); });
-    if (!any_valid) {
-      return row_max;
+    if (keep[l] == T(0)) {
+      continue;
     }
-    // Every valid logit is NaN or -inf (the max skips NaN): the softmax is undefined, NaN as in torch.
-    std::fill(logits, logits + num_words, std::numeric_limits<scalar_t>::quiet_NaN());
-    return std::numeric_limits<scalar_t>::quiet_NaN();
-  }
+    const T* s_row = s + l * ld;
 #pragma omp simd
-  for (int64_t l = 0; l < num_words; ++l) {
-    const scalar_t e = exp_approx(logits[l] - row_max);
-    logits[l] = keep[l] != scalar_t(0) ? e : scalar_t(0);
-  }
-  return row_max;
-}
-
-// Forward epilogue of one tile and head: acc[i, j] += sum_l softmax(S)[i, j, l] * R[i, j, l].
-template <typename scalar_t>
-MSA_ALWAYS_INLINE void forward_tile_epilogue(
-    scalar_t* logits, const scalar_t* readouts, const scalar_t* keep, int64_t bi, int64_t bj, int64_t num_words,
-    scalar_t scale, scalar_t* acc) {
-  const int64_t row = bj * num_words;
-  for (int64_t i = 0; i < bi; ++i) {
-    for (int64_t j = 0; j < bj; ++j) {
-      scalar_t* e = logits + i * row + j * num_words;
-      const scalar_t* r = readouts + i * row + j * num_words;
-      if (masked_exp_segment(e, keep + j * num_words, num_words, scale) == -std::numeric_limits<scalar_t>::infinity()) {
-        continue;  // a text with no valid word contributes exactly 0
-      }
-      scalar_t denom = 0, weighted = 0;
-#pragma omp simd reduction(+ : denom, weighted)
-      for (int64_t l = 0; l < num_words; ++l) {
-        denom += e[l];
-        weighted += e[l] * r[l];
-      }
-      acc[i * bj + j] += weighted / denom;
+    for (int64_t t = 0; t < kLanes; ++t) {
+      row_max[t] = s_row[t] > row_max[t] ? s_row[t] : row_max[t];
     }
   }
+  T den[kLanes] = {}, sum[kLanes] = {};
+  for (int64_t l = 0; l < num_words; ++l) {
+    if (keep[l] == T(0)) {
+      continue;
+    }
+    T* s_row = s + l * ld;
+    const T* r_row = r + l * ld;
+#pragma omp simd
+    for (int64_t t = 0; t < kLanes; ++t) {
+      const T e = exp_approx(s_row[t] - row_max[t]);
+      if constexpr (kStore) {
+        s_row[t] = e;
+      }
+      den[t] += e;
+      sum[t] += e * r_row[t];
+    }
+  }
+  std::copy(den, den + kLanes, denom);
+  std::copy(sum, sum + kLanes, weighted);
 }
 
-// Backward epilogue of one tile and head: logits -> dS, readouts -> dR in place.
-template <typename scalar_t>
-MSA_ALWAYS_INLINE void backward_tile_epilogue(
-    scalar_t* logits, scalar_t* readouts, const scalar_t* keep, int64_t bi, int64_t bj, int64_t num_words,
-    scalar_t scale, const scalar_t* grad, int64_t grad_row_stride) {
-  const int64_t row = bj * num_words;
-  for (int64_t i = 0; i < bi; ++i) {
-    for (int64_t j = 0; j < bj; ++j) {
-      scalar_t* e = logits + i * row + j * num_words;
-      scalar_t* r = readouts + i * row + j * num_words;
-      if (masked_exp_segment(e, keep + j * num_words, num_words, scale) == -std::numeric_limits<scalar_t>::infinity()) {
-        std::fill(e, e + num_words, scalar_t(0));
-        std::fill(r, r + num_words, scalar_t(0));
+// Forward epilogue of one tile and head: acc[j, i] += sum_l softmax(S)[l, i] R[l, i] for every text j of the
+// tile. With `probs`/`logit_grads` (row stride out_ld) it also writes there what the backward needs, 0 at masked
+// words: p and a = p (r - o) scale, so that dS = g a and dR = g p.
+template <typename T>
+MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& tile, T* acc, T* probs,
+                                             T* logit_grads, int64_t out_ld) {
+  const int64_t L = tile.num_words, ld = tile.ld;
+  const T scale = static_cast<T>(tile.scale);
+  const T* keep = static_cast<const T*>(tile.keep);
+  for (int64_t j = 0; j < tile.bj; ++j) {
+    const T* keep_j = keep + j * L;
+    T* s_j = s + j * L * ld;
+    const T* r_j = r + j * L * ld;
+    for (int64_t c = 0; c < tile.bi; c += kLanes) {
+      const int64_t lanes = std::min(kLanes, tile.bi - c);
+      T den[kLanes] = {}, sum[kLanes] = {};
+      if (tile.has_words[j]) {
+        if (probs != nullptr) {
+          text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
+        } else {
+          text_softmax<T, false>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
+        }
+        T* acc_j = acc + j * ld + c;
+#pragma omp simd
+        for (int64_t t = 0; t < kLanes; ++t) {
+          acc_j[t] += sum[t] / den[t];
+        }
+      }
+      if (probs == nullptr) {
         continue;
       }
-      scalar_t denom = 0, weighted = 0;
-#pragma omp simd reduction(+ : denom, weighted)
-      for (int64_t l = 0; l < num_words; ++l) {
-        denom += e[l];
-        weighted += e[l] * r[l];
-      }
-      const scalar_t head_out = weighted / denom;
-      const scalar_t g_over_denom = grad[i * grad_row_stride + j] / denom;
+      // One division per lane, not two per word: 1 / denominator and the head's output o.
+      T inv_den[kLanes], head_out[kLanes];
 #pragma omp simd
-      for (int64_t l = 0; l < num_words; ++l) {
-        const scalar_t g_p = g_over_denom * e[l];
-        e[l] = g_p * (r[l] - head_out) * scale;
-        r[l] = g_p;
+      for (int64_t t = 0; t < kLanes; ++t) {
+        inv_den[t] = T(1) / den[t];
+        head_out[t] = sum[t] * inv_den[t];
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        T* p_out = probs + (j * L + l) * out_ld + c;
+        T* a_out = logit_grads + (j * L + l) * out_ld + c;
+        if (keep_j[l] == T(0) || !tile.has_words[j]) {
+          std::fill(p_out, p_out + lanes, T(0));
+          std::fill(a_out, a_out + lanes, T(0));
+          continue;
+        }
+        const T* e_row = s_j + l * ld + c;
+        const T* r_row = r_j + l * ld + c;
+#pragma omp simd
+        for (int64_t t = 0; t < lanes; ++t) {
+          const T prob = e_row[t] * inv_den[t];
+          p_out[t] = prob;
+          a_out[t] = prob * (r_row[t] - head_out[t]) * scale;
+        }
       }
     }
   }
 }
 
-MSA_TARGET_CLONES void forward_epilogue_f32(
-    float* s, const float* r, const float* keep, int64_t bi, int64_t bj, int64_t L, float scale, float* acc) {
-  forward_tile_epilogue<float>(s, r, keep, bi, bj, L, scale, acc);
+// dS = g p (r - o) scale and dR = g p over the L rows of one text for kLanes images, from the unnormalised
+// softmax e and r (row stride in_ld) into ds and dr (row stride ld), with `inv_denom` = 1 / sum_l e.
+template <typename T>
+MSA_ALWAYS_INLINE void text_gradients(const T* p, const T* r, int64_t in_ld, T* ds, T* dr, int64_t ld,
+                                      const T* keep, int64_t num_words, int64_t lanes, const T* grad,
+                                      const T* inv_denom, T scale) {
+  T head_out[kLanes] = {};
+  for (int64_t l = 0; l < num_words; ++l) {
+    if (keep[l] == T(0)) {
+      continue;
+    }
+#pragma omp simd
+    for (int64_t t = 0; t < lanes; ++t) {
+      head_out[t] += p[l * in_ld + t] * r[l * in_ld + t];
+    }
+  }
+  T g_over_denom[kLanes];
+#pragma omp simd
+  for (int64_t t = 0; t < lanes; ++t) {
+    head_out[t] *= inv_denom[t];
+    g_over_denom[t] = grad[t] * inv_denom[t];
+  }
+  for (int64_t l = 0; l < num_words; ++l) {
+    T* ds_row = ds + l * ld;
+    T* dr_row = dr + l * ld;
+    if (keep[l] == T(0)) {
+      std::fill(ds_row, ds_row + lanes, T(0));
+      std::fill(dr_row, dr_row + lanes, T(0));
+      continue;
+    }
+    const T* p_row = p + l * in_ld;
+    const T* r_row = r + l * in_ld;
+#pragma omp simd
+    for (int64_t t = 0; t < lanes; ++t) {
+      const T g_p = g_over_denom[t] * p_row[t];
+      ds_row[t] = g_p * (r_row[t] - head_out[t]) * scale;
+      dr_row[t] = g_p;
+    }
+  }
 }
 
-MSA_TARGET_CLONES void backward_epilogue_f32(
-    float* s, float* r, const float* keep, int64_t bi, int64_t bj, int64_t L, float scale, const float* grad,
-    int64_t grad_stride) {
-  backward_tile_epilogue<float>(s, r, keep, bi, bj, L, scale, grad, grad_stride);
+// Backward epilogue of one tile and head: s and r become dS^T and dR^T in place. `grad` is the tile's
+// gradient transposed, [bj, ld]. With `probs`/`logit_grads` (the forward's saved p and a, row stride saved_ld)
+// s and r are only written, never read: dS = g a, dR = g p.
+template <typename T>
+MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile, T scale, const T* grad,
+                                              const T* probs, const T* logit_grads, int64_t saved_ld) {
+  const int64_t L = tile.num_words, ld = tile.ld;
+  const T* keep = static_cast<const T*>(tile.keep);
+  for (int64_t j = 0; j < tile.bj; ++j) {
+    const T* keep_j = keep + j * L;
+    T* s_j = s + j * L * ld;
+    T* r_j = r + j * L * ld;
+    if (!tile.has_words[j]) {
+      std::fill(s_j, s_j + L * ld, T(0));
+      std::fill(r_j, r_j + L * ld, T(0));
+      continue;
+    }
+    for (int64_t c = 0; c < tile.bi; c += kLanes) {
+      const int64_t lanes = std::min(kLanes, tile.bi - c);
+      const T* g = grad + j * ld + c;
+      if (probs != nullptr) {
+        for (int64_t l = 0; l < L; ++l) {
+          const T* p_row = probs + (j * L + l) * saved_ld + c;
+          const T* a_row = logit_grads + (j * L + l) * saved_ld + c;
+          T* ds_row = s_j + l * ld + c;
+          T* dr_row = r_j + l * ld + c;
+#pragma omp simd
+          for (int64_t t = 0; t < lanes; ++t) {
+            ds_row[t] = g[t] * a_row[t];
+            dr_row[t] = g[t] * p_row[t];
+          }
+        }
+        continue;
+      }
+      T den[kLanes], sum[kLanes], inv_denom[kLanes];
+      text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
+#pragma omp simd
+      for (int64_t t = 0; t < kLanes; ++t) {
+        inv_denom[t] = T(1) / den[t];
+      }
+      text_gradients(s_j + c, r_j + c, ld, s_j + c, r_j + c, ld, keep_j, L, kLanes, g, inv_denom, scale);
+    }
+  }
 }
 
-inline void forward_epilogue(
-    float* s, const float* r, const float* keep, int64_t bi, int64_t bj, int64_t L, float scale, float* acc) {
-  forward_epilogue_f32(s, r, keep, bi, bj, L, scale, acc);
-}
-inline void forward_epilogue(
-    double* s, const double* r, const double* keep, int64_t bi, int64_t bj, int64_t L, double scale, double* acc) {
-  forward_tile_epilogue<double>(s, r, keep, bi, bj, L, scale, acc);
-}
-inline void backward_epilogue(
-    float* s, float* r, const float* keep, int64_t bi, int64_t bj, int64_t L, float scale, const float* grad,
-    int64_t grad_stride) {
-  backward_epilogue_f32(s, r, keep, bi, bj, L, scale, grad, grad_stride);
-}
-inline void backward_epilogue(
-    double* s, double* r, const double* keep, int64_t bi, int64_t bj, int64_t L, double scale, const double* grad,
-    int64_t grad_stride) {
-  backward_tile_epilogue<double>(s, r, keep, bi, bj, L, scale, grad, grad_stride);
+MSA_TARGET_CLONES void forward_epilogue_f32(float* s, const float* r, const TileShape& tile, float* acc, float* probs,
+                                            float* logit_grads, int64_t out_ld) {
+  forward_epilogue_impl<float>(s, r, tile, acc, probs, logit_grads, out_ld);
 }
 
-// Rows [first_row, first_row + rows) of head `head` as a [rows, Dh] matrix whose rows are `row_stride` apart:
-// q and u are copied head-major ([H, Ni, Dh], row_stride = Dh: cheap, they are small); k and v stay in the
-// caller's [Nt * L, H, Dh] layout (row_stride = H * Dh), since copying them costs more memory traffic than the
-// strided GEMM operand costs BLAS. from_blob keeps worker threads away from the caller's tensors (and their
-// inference-mode or autograd state).
-inline at::Tensor image_rows(const void* base, int64_t num_images, int64_t head, int64_t first_row, int64_t rows,
-                             int64_t head_dim, const at::TensorOptions& options) {
-  const int64_t elem = static_cast<int64_t>(options.dtype().itemsize());
-  auto* ptr = static_cast<char*>(const_cast<void*>(base)) + (head * num_images + first_row) * head_dim * elem;
-  return at::from_blob(ptr, {rows, head_dim}, options);
+MSA_TARGET_CLONES void backward_epilogue_f32(float* s, float* r, const TileShape& tile, float scale,
+                                             const float* grad, const float* probs, const float* logit_grads,
+                                             int64_t saved_ld) {
+  backward_epilogue_impl<float>(s, r, tile, scale, grad, probs, logit_grads, saved_ld);
 }
 
-inline at::Tensor word_rows(const void* base, int64_t heads, int64_t head, int64_t first_row, int64_t rows,
-                            int64_t head_dim, const at::TensorOptions& options) {
-  const int64_t elem = static_cast<int64_t>(options.dtype().itemsize());
-  auto* ptr = static_cast<char*>(const_cast<void*>(base)) + (first_row * heads + head) * head_dim * elem;
-  return at::from_blob(ptr, {rows, head_dim}, {heads * head_dim, 1}, options);
+inline void forward_epilogue(float* s, const float* r, const TileShape& tile, float* acc, float* probs,
+                             float* logit_grads, int64_t out_ld) {
+  forward_epilogue_f32(s, r, tile, acc, probs, logit_grads, out_ld);
+}
+inline void forward_epilogue(double* s, const double* r, const TileShape& tile, double* acc, double* probs,
+                             double* logit_grads, int64_t out_ld) {
+  forward_epilogue_impl<double>(s, r, tile, acc, probs, logit_grads, out_ld);
+}
+inline void backward_epilogue(float* s, float* r, const TileShape& tile, float scale, const float* grad,
+                              const float* probs, const float* logit_grads, int64_t saved_ld) {
+  backward_epilogue_f32(s, r, tile, scale, grad, probs, logit_grads, saved_ld);
+}
+inline void backward_epilogue(double* s, double* r, const TileShape& tile, double scale, const double* grad,
+                              const double* probs, const double* logit_grads, int64_t saved_ld) {
+  backward_epilogue_impl<double>(s, r, tile, scale, grad, probs, logit_grads, saved_ld);
 }
 
 struct Problem {
   int64_t num_images, num_texts, heads, head_dim, num_words;
 };
+
+// Runs items [0, num_items) on ATen's threads, each thread taking the next item when it finishes one, so that a
+// thread the OS preempts (a shared machine) holds up one item rather than a fixed share of them. make_worker()
+// runs once per thread and returns the function that does one item (owning that thread's scratch).
+template <typename MakeWorker>
+void for_each_item(int64_t num_items, const MakeWorker& make_worker) {
+  std::atomic<int64_t> next_item{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_items);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto work = make_worker();
+    for (int64_t item = next_item++; item < num_items; item = next_item++) {
+      work(item);
+    }
+  });
+}
 
 // Tile sizes: 128 x 512 GEMM outputs run at the BLAS's full rate with K = Dh = 64 and keep S and R (256 KiB
 // each in float32) in L2; shrunk until there are two tiles per thread.
@@ -235,13 +397,18 @@ inline void choose_tiles(const Problem& p, int64_t& image_block, int64_t& text_b
 
 struct Inputs {
   at::Tensor q, u, k, v, keep;  // keep: [Nt, L] in the compute dtype, 1 = valid word
+  at::Tensor q_logits;          // scale * q, head-major: the logits' GEMM then needs no epilogue multiply
+  double scale;
+  at::Tensor word_is_masked;    // [Nt, L, 1, 1] bool, undefined when every word is valid
+  std::vector<uint8_t> has_words;
   Problem p;
 };
 
 // Compute-dtype inputs (q, u head-major [H, Ni, Dh]; k, v contiguous [Nt, L, H, Dh]) and the word mask as 0/1
-// in the compute dtype, never null.
+// in the compute dtype, never null. For the backward (zero_masked_words) k and v are zero at masked words:
+// the gradient GEMMs multiply them by dS = 0 there, and 0 * NaN would leak into dq and du.
 Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
-               const std::optional<at::Tensor>& word_mask) {
+               const std::optional<at::Tensor>& word_mask, double scale, bool zero_masked_words) {
   TORCH_CHECK(q.dim() == 3 && u.sizes() == q.sizes(), "msa::mscmat_scores: q and u must be [Ni, H, Dh]");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "msa::mscmat_scores: k and v must be [Nt, L, H, Dh]");
   TORCH_CHECK(k.size(2) == q.size(1) && k.size(3) == q.size(2), "msa::mscmat_scores: H and Dh of q and k differ");
@@ -254,63 +421,100 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, co
   const auto images_head_major = [&](const at::Tensor& t) { return t.to(compute).permute({1, 0, 2}).contiguous(); };
   in.q = images_head_major(q);
   in.u = images_head_major(u);
+  in.q_logits = in.q * scale;
+  in.scale = scale;
   in.k = k.to(compute).contiguous();
   in.v = v.to(compute).contiguous();
+  at::Tensor valid;
   if (word_mask.has_value()) {
     TORCH_CHECK(word_mask->dim() == 2 && word_mask->size(0) == in.p.num_texts && word_mask->size(1) == in.p.num_words,
                 "msa::mscmat_scores: word_mask must be [Nt, L]");
-    in.keep = (*word_mask != 0).to(compute).contiguous();
+    valid = (*word_mask != 0).contiguous();
+    in.keep = valid.to(compute);
   } else {
+    valid = at::ones({in.p.num_texts, in.p.num_words}, q.options().dtype(at::kBool));
     in.keep = at::ones({in.p.num_texts, in.p.num_words}, q.options().dtype(compute));
+  }
+  const at::Tensor text_has_words = in.p.num_words > 0 ? valid.any(1).to(at::kByte).contiguous()
+                                                       : at::zeros({in.p.num_texts}, valid.options().dtype(at::kByte));
+  const uint8_t* flags = text_has_words.data_ptr<uint8_t>();
+  in.has_words.assign(flags, flags + in.p.num_texts);
+  if (word_mask.has_value() && !valid.all().item<bool>()) {
+    in.word_is_masked = valid.logical_not().view({in.p.num_texts, in.p.num_words, 1, 1});
+    if (zero_masked_words) {
+      in.k = in.k.masked_fill(in.word_is_masked, 0);
+      in.v = in.v.masked_fill(in.word_is_masked, 0);
+    }
   }
   return in;
 }
 
-template <typename scalar_t>
-void forward_impl(const Inputs& in, scalar_t scale, scalar_t* out) {
+// What the forward keeps for the backward, [H, Nt, L, Ni] each in the compute dtype (null when not kept): the
+// softmax p and a = p (r - o) scale, the score's derivative with respect to the unscaled logit <q, k>.
+struct Saved {
+  void* probs = nullptr;
+  void* logit_grads = nullptr;
+};
+
+template <typename T>
+void forward_impl(const Inputs& in, T* out, const Saved& saved) {
   const Problem& p = in.p;
   int64_t image_block, text_block;
   choose_tiles(p, image_block, text_block);
   const int64_t image_tiles = (p.num_images + image_block - 1) / image_block;
   const int64_t text_tiles = (p.num_texts + text_block - 1) / text_block;
-  const auto options = in.q.options().requires_grad(false);
-  const void *q = in.q.data_ptr(), *u = in.u.data_ptr(), *k = in.k.data_ptr(), *v = in.v.data_ptr();
-  const scalar_t* keep = in.keep.data_ptr<scalar_t>();
-  const int64_t L = p.num_words;
+  const T *q = in.q_logits.data_ptr<T>(), *u = in.u.data_ptr<T>(), *k = in.k.data_ptr<T>();
+  const T *v = in.v.data_ptr<T>(), *keep = in.keep.data_ptr<T>();
+  const int64_t L = p.num_words, D = p.head_dim, word_stride = p.heads * D;
+  const int64_t max_ld = round_up(image_block, kLanes);
+  T* probs = static_cast<T*>(saved.probs);
+  T* logit_grads = static_cast<T*>(saved.logit_grads);
 
-  at::parallel_for(0, image_tiles * text_tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
-    std::vector<scalar_t> logits(image_block * text_block * L), readouts(image_block * text_block * L);
-    std::vector<scalar_t> acc(image_block * text_block);
-    for (int64_t tile = first_tile; tile < end_tile; ++tile) {
-      const int64_t i0 = (tile / text_tiles) * image_block, j0 = (tile % text_tiles) * text_block;
+  for_each_item(image_tiles * text_tiles, [&] {
+    return [&, logits = std::vector<T>(text_block * L * max_ld), reads = std::vector<T>(text_block * L * max_ld),
+            acc = std::vector<T>(text_block * max_ld)](int64_t tile_index) mutable {
+      // Text-major order: consecutive tiles of a thread share their text tile, so its k and v (the large
+      // operands at test-split sizes) come from cache for every image tile after the first.
+      const int64_t j0 = (tile_index / image_tiles) * text_block, i0 = (tile_index % image_tiles) * image_block;
       const int64_t bi = std::min(image_block, p.num_images - i0), bj = std::min(text_block, p.num_texts - j0);
-      at::Tensor s_tile = at::from_blob(logits.data(), {bi, bj * L}, options);
-      at::Tensor r_tile = at::from_blob(readouts.data(), {bi, bj * L}, options);
-      std::fill(acc.begin(), acc.end(), scalar_t(0));
+      const TileShape tile{bi, bj, L, round_up(bi, kLanes), in.scale, keep + j0 * L, in.has_words.data() + j0};
+      std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t h = 0; h < p.heads; ++h) {
-        at::mm_out(s_tile, image_rows(q, p.num_images, h, i0, bi, p.head_dim, options),
-                   word_rows(k, p.heads, h, j0 * L, bj * L, p.head_dim, options).t());
-        at::mm_out(r_tile, image_rows(u, p.num_images, h, i0, bi, p.head_dim, options),
-                   word_rows(v, p.heads, h, j0 * L, bj * L, p.head_dim, options).t());
-        forward_epilogue(logits.data(), readouts.data(), keep + j0 * L, bi, bj, L, scale, acc.data());
+        const int64_t word_offset = j0 * L * word_stride + h * D, image_offset = (h * p.num_images + i0) * D;
+        gemm<T>(false, true, bj * L, bi, D, k + word_offset, word_stride, q + image_offset, D, 0, logits.data(),
+                tile.ld);
+        gemm<T>(false, true, bj * L, bi, D, v + word_offset, word_stride, u + image_offset, D, 0, reads.data(),
+                tile.ld);
+        const int64_t saved_offset = (h * p.num_texts + j0) * L * p.num_images + i0;
+        forward_epilogue(logits.data(), reads.data(), tile, acc.data(),
+                         probs == nullptr ? nullptr : probs + saved_offset,
+                         logit_grads == nullptr ? nullptr : logit_grads + saved_offset, p.num_images);
       }
       for (int64_t i = 0; i < bi; ++i) {
-        std::copy(acc.data() + i * bj, acc.data() + (i + 1) * bj, out + (i0 + i) * p.num_texts + j0);
+        for (int64_t j = 0; j < bj; ++j) {
+          out[(i0 + i) * p.num_texts + j0 + j] = acc[j * tile.ld + i];
+        }
       }
-    }
+    };
   });
 }
 
-template <typename scalar_t>
-void backward_impl(const Inputs& in, scalar_t scale, const scalar_t* grad, at::Tensor& dq, at::Tensor& du,
-                   at::Tensor& dk, at::Tensor& dv) {
+// Which of dq, du, dk, dv to compute (head-major dq/du [H, Ni, Dh]; dk/dv [Nt, L, H, Dh]); undefined = not asked.
+struct Grads {
+  at::Tensor dq, du, dk, dv;
+};
+
+template <typename T>
+void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved, Grads& grads) {
   const Problem& p = in.p;
   int64_t image_block, text_block;
   choose_tiles(p, image_block, text_block);
-  const int64_t L = p.num_words;
-  const auto options = in.q.options().requires_grad(false);
-  const void *q = in.q.data_ptr(), *u = in.u.data_ptr(), *k = in.k.data_ptr(), *v = in.v.data_ptr();
-  const scalar_t* keep = in.keep.data_ptr<scalar_t>();
+  const int64_t L = p.num_words, D = p.head_dim, word_stride = p.heads * D;
+  const T *q = in.q.data_ptr<T>(), *u = in.u.data_ptr<T>(), *k = in.k.data_ptr<T>(), *v = in.v.data_ptr<T>();
+  const T *q_logits = in.q_logits.data_ptr<T>(), *keep = in.keep.data_ptr<T>();
+  const T* probs = static_cast<const T*>(saved.probs);
+  const T* logit_grads = static_cast<const T*>(saved.logit_grads);
+  const int64_t max_ld = round_up(image_block, kLanes);
 
   // Split the images into chunks only when there are fewer heads than threads; each extra chunk then
   // accumulates dk and dv into a private buffer, summed at the end.
@@ -319,91 +523,181 @@ void backward_impl(const Inputs& in, scalar_t scale, const scalar_t* grad, at::T
   const int64_t wanted_chunks = std::min(image_tiles, std::max<int64_t>(1, (threads + p.heads - 1) / p.heads));
   const int64_t tiles_per_chunk = (image_tiles + wanted_chunks - 1) / wanted_chunks;
   const int64_t chunks = (image_tiles + tiles_per_chunk - 1) / tiles_per_chunk;  // none of them empty
-  std::vector<at::Tensor> dk_parts{dk}, dv_parts{dv};
-  for (int64_t c = 1; c < chunks; ++c) {
-    dk_parts.push_back(at::empty_like(dk));
-    dv_parts.push_back(at::empty_like(dv));
-  }
-  void *dq_ptr = dq.data_ptr(), *du_ptr = du.data_ptr();
-  std::vector<void*> dk_ptrs, dv_ptrs;
-  for (int64_t c = 0; c < chunks; ++c) {
-    dk_ptrs.push_back(dk_parts[c].data_ptr());
-    dv_ptrs.push_back(dv_parts[c].data_ptr());
-  }
+  const auto parts_of = [&](const at::Tensor& full) {
+    std::vector<at::Tensor> parts{full};
+    for (int64_t c = 1; c < chunks && full.defined(); ++c) {
+      parts.push_back(at::empty_like(full));
+    }
+    std::vector<T*> pointers;
+    for (auto& part : parts) {
+      pointers.push_back(part.defined() ? part.data_ptr<T>() : nullptr);
+    }
+    return std::make_pair(parts, pointers);
+  };
+  auto [dk_parts, dk_ptrs] = parts_of(grads.dk);
+  auto [dv_parts, dv_ptrs] = parts_of(grads.dv);
+  T* dq = grads.dq.defined() ? grads.dq.data_ptr<T>() : nullptr;
+  T* du = grads.du.defined() ? grads.du.data_ptr<T>() : nullptr;
 
-  at::parallel_for(0, p.heads * chunks, 1, [&](int64_t first_item, int64_t end_item) {
-    std::vector<scalar_t> logits(image_block * text_block * L), readouts(image_block * text_block * L);
-    for (int64_t item = first_item; item < end_item; ++item) {
+  for_each_item(p.heads * chunks, [&] {
+    return [&, ds = std::vector<T>(text_block * L * max_ld), dr = std::vector<T>(text_block * L * max_ld),
+            grad_t = std::vector<T>(text_block * max_ld)](int64_t item) mutable {
       const int64_t h = item / chunks, chunk = item % chunks;
       const int64_t first_image = chunk * tiles_per_chunk * image_block;
       const int64_t end_image = std::min(p.num_images, (chunk + 1) * tiles_per_chunk * image_block);
       for (int64_t i0 = first_image; i0 < end_image; i0 += image_block) {
-        const int64_t bi = std::min(image_block, end_image - i0);
-        at::Tensor q_h = image_rows(q, p.num_images, h, i0, bi, p.head_dim, options);
-        at::Tensor u_h = image_rows(u, p.num_images, h, i0, bi, p.head_dim, options);
-        at::Tensor dq_h = image_rows(dq_ptr, p.num_images, h, i0, bi, p.head_dim, options);
-        at::Tensor du_h = image_rows(du_ptr, p.num_images, h, i0, bi, p.head_dim, options);
+        const int64_t bi = std::min(image_block, end_image - i0), image_offset = (h * p.num_images + i0) * D;
         for (int64_t j0 = 0; j0 < p.num_texts; j0 += text_block) {
-          const int64_t bj = std::min(text_block, p.num_texts - j0);
-          at::Tensor s_tile = at::from_blob(logits.data(), {bi, bj * L}, options);
-          at::Tensor r_tile = at::from_blob(readouts.data(), {bi, bj * L}, options);
-          at::Tensor k_h = word_rows(k, p.heads, h, j0 * L, bj * L, p.head_dim, options);
-          at::Tensor v_h = word_rows(v, p.heads, h, j0 * L, bj * L, p.head_dim, options);
-          at::mm_out(s_tile, q_h, k_h.t());
-          at::mm_out(r_tile, u_h, v_h.t());
-          backward_epilogue(logits.data(), readouts.data(), keep + j0 * L, bi, bj, L, scale,
-                            grad + i0 * p.num_texts + j0, p.num_texts);
-          // s_tile now holds dS and r_tile holds dR.
+          const int64_t bj = std::min(text_block, p.num_texts - j0), word_offset = j0 * L * word_stride + h * D;
+          const TileShape tile{bi, bj, L, round_up(bi, kLanes), in.scale, keep + j0 * L, in.has_words.data() + j0};
+          for (int64_t j = 0; j < bj; ++j) {
+            for (int64_t i = 0; i < bi; ++i) {
+              grad_t[j * tile.ld + i] = grad[(i0 + i) * p.num_texts + j0 + j];
+            }
+          }
+          const T *tile_probs = nullptr, *tile_logit_grads = nullptr;
+          if (probs != nullptr) {
+            const int64_t saved_offset = (h * p.num_texts + j0) * L * p.num_images + i0;
+            tile_probs = probs + saved_offset;
+            tile_logit_grads = logit_grads + saved_offset;
+          } else {
+            gemm<T>(false, true, bj * L, bi, D, k + word_offset, word_stride, q_logits + image_offset, D, 0, ds.data(),
+                    tile.ld);
+            gemm<T>(false, true, bj * L, bi, D, v + word_offset, word_stride, u + image_offset, D, 0, dr.data(),
+                    tile.ld);
+          }
+          backward_epilogue(ds.data(), dr.data(), tile, scale, grad_t.data(), tile_probs, tile_logit_grads,
+                            p.num_images);
           // The gradients start uninitialised: the first tile that reaches a slice writes it (beta = 0, which
           // ignores what was there, NaN included), the later ones accumulate.
-          const double dq_beta = j0 == 0 ? 0.0 : 1.0, dk_beta = i0 == first_image ? 0.0 : 1.0;
-          dq_h.addmm_(s_tile, k_h, dq_beta);
-          du_h.addmm_(r_tile, v_h, dq_beta);
-          word_rows(dk_ptrs[chunk], p.heads, h, j0 * L, bj * L, p.head_dim, options).addmm_(s_tile.t(), q_h, dk_beta);
-          word_rows(dv_ptrs[chunk], p.heads, h, j0 * L, bj * L, p.head_dim, options).addmm_(r_tile.t(), u_h, dk_beta);
+          const T image_beta = j0 == 0 ? 0 : 1, word_beta = i0 == first_image ? 0 : 1;
+          if (dq != nullptr) {
+            gemm<T>(true, false, bi, D, bj * L, ds.data(), tile.ld, k + word_offset, word_stride, image_beta,
+                    dq + image_offset, D);
+          }
+          if (du != nullptr) {
+            gemm<T>(true, false, bi, D, bj * L, dr.data(), tile.ld, v + word_offset, word_stride, image_beta,
+                    du + image_offset, D);
+          }
+          if (dk_ptrs[0] != nullptr) {
+            gemm<T>(false, false, bj * L, D, bi, ds.data(), tile.ld, q + image_offset, D, word_beta,
+                    dk_ptrs[chunk] + word_offset, word_stride);
+          }
+          if (dv_ptrs[0] != nullptr) {
+            gemm<T>(false, false, bj * L, D, bi, dr.data(), tile.ld, u + image_offset, D, word_beta,
+                    dv_ptrs[chunk] + word_offset, word_stride);
+          }
         }
       }
-    }
+    };
   });
   for (int64_t c = 1; c < chunks; ++c) {
-    dk.add_(dk_parts[c]);
-    dv.add_(dv_parts[c]);
+    if (grads.dk.defined()) {
+      grads.dk.add_(dk_parts[c]);
+    }
+    if (grads.dv.defined()) {
+      grads.dv.add_(dv_parts[c]);
+    }
   }
+}
+
+bool has_work(const Problem& p) {
+  return p.num_images > 0 && p.num_texts > 0 && p.num_words > 0 && p.heads > 0 && p.head_dim > 0;
+}
+
+// scores [Ni, Nt] (in q's dtype) and, when keep_softmax, the softmax p and a = p (r - o) scale, [H, Nt, L, Ni]
+// in the compute dtype (float32, or float64 for float64 inputs); otherwise two empty tensors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_forward(const at::Tensor& q, const at::Tensor& u,
+                                                              const at::Tensor& k, const at::Tensor& v,
+                                                              const std::optional<at::Tensor>& word_mask,
+                                                              double scale, bool keep_softmax) {
+  const Inputs in = prepare(q, u, k, v, word_mask, scale, /*zero_masked_words=*/false);
+  const Problem& p = in.p;
+  at::Tensor scores = at::zeros({p.num_images, p.num_texts}, in.q.options());
+  const std::vector<int64_t> saved_shape =
+      keep_softmax ? std::vector<int64_t>{p.heads, p.num_texts, p.num_words, p.num_images} : std::vector<int64_t>{0};
+  // Every element of probs and logit_grads is written by the tiles (0 at masked words and texts without one).
+  const auto make_saved = [&] { return has_work(p) ? at::empty(saved_shape, in.q.options()) : at::zeros(saved_shape, in.q.options()); };
+  at::Tensor probs = make_saved(), logit_grads = make_saved();
+  if (has_work(p)) {
+    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mscmat_scores_cpu", [&] {
+      const Saved saved{keep_softmax ? probs.data_ptr() : nullptr, keep_softmax ? logit_grads.data_ptr() : nullptr};
+      forward_impl<scalar_t>(in, scores.data_ptr<scalar_t>(), saved);
+    });
+  }
+  return {scores.to(q.scalar_type()), probs, logit_grads};
+}
+
+// dq, du, dk, dv in the inputs' dtype and layout; a gradient not asked for is an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
+    const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& word_mask, const at::Tensor& probs,
+    const at::Tensor& logit_grads, double scale, std::array<bool, 4> needs) {
+  const Inputs in = prepare(q, u, k, v, word_mask, scale, /*zero_masked_words=*/true);
+  const Problem& p = in.p;
+  TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == p.num_images && grad_scores.size(1) == p.num_texts,
+              "msa::mscmat_scores_backward: grad_scores must be [Ni, Nt]");
+  const bool from_saved = probs.numel() > 0;
+  if (from_saved) {
+    const std::vector<int64_t> shape{p.heads, p.num_texts, p.num_words, p.num_images};
+    TORCH_CHECK(probs.sizes() == shape && logit_grads.sizes() == shape && probs.scalar_type() == in.q.scalar_type() &&
+                    logit_grads.scalar_type() == in.q.scalar_type() && probs.is_contiguous() &&
+                    logit_grads.is_contiguous(),
+                "msa::mscmat_scores_for_grad_backward: probs and logit_grads must be the forward's [H, Nt, L, Ni]");
+  }
+  const at::Tensor grad = grad_scores.to(in.q.scalar_type()).contiguous();
+  const bool any_work = has_work(p);
+  // With work to do, every gradient element is written by the tiles (see backward_impl); without, all are 0.
+  const auto make = [&](bool needed, const at::Tensor& like) {
+    if (!needed) {
+      return at::Tensor();
+    }
+    return any_work ? at::empty_like(like) : at::zeros_like(like);
+  };
+  Grads grads{make(needs[0], in.q), make(needs[1], in.u), make(needs[2], in.k), make(needs[3], in.v)};
+  if (any_work && (needs[0] || needs[1] || needs[2] || needs[3])) {
+    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "mscmat_scores_backward_cpu", [&] {
+      const Saved saved{from_saved ? probs.data_ptr() : nullptr, from_saved ? logit_grads.data_ptr() : nullptr};
+      backward_impl<scalar_t>(in, static_cast<scalar_t>(scale), grad.data_ptr<scalar_t>(), saved, grads);
+    });
+  }
+  const auto dtype = q.scalar_type();
+  const auto finish = [&](const at::Tensor& g, bool images) {
+    if (!g.defined()) {
+      return at::empty({0}, q.options());
+    }
+    if (images) {  // back from head-major to the callers' layout
+      return g.permute({1, 0, 2}).to(dtype).contiguous();
+    }
+    // A masked word gets no gradient, whatever the images hold (dS is 0 there, but 0 * inf is not).
+    return (in.word_is_masked.defined() ? g.masked_fill(in.word_is_masked, 0) : g).to(dtype);
+  };
+  return {finish(grads.dq, true), finish(grads.du, true), finish(grads.dk, false), finish(grads.dv, false)};
 }
 
 at::Tensor mscmat_scores_cpu(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& word_mask, double scale) {
-  const Inputs in = prepare(q, u, k, v, word_mask);
-  at::Tensor scores = at::zeros({in.p.num_images, in.p.num_texts}, in.q.options());
-  if (scores.numel() > 0 && in.p.num_words > 0 && in.p.heads > 0) {
-    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mscmat_scores_cpu", [&] {
-      forward_impl<scalar_t>(in, static_cast<scalar_t>(scale), scores.data_ptr<scalar_t>());
-    });
-  }
-  return scores.to(q.scalar_type());
+  return std::get<0>(scores_forward(q, u, k, v, word_mask, scale, false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscmat_scores_backward_cpu(
     const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& word_mask, double scale) {
-  const Inputs in = prepare(q, u, k, v, word_mask);
-  TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == in.p.num_images &&
-                  grad_scores.size(1) == in.p.num_texts,
-              "msa::mscmat_scores_backward: grad_scores must be [Ni, Nt]");
-  const at::Tensor grad = grad_scores.to(in.q.scalar_type()).contiguous();
-  const bool any_work = grad.numel() > 0 && in.p.num_words > 0 && in.p.heads > 0;
-  // With work to do, every gradient element is written by the tiles (see backward_impl); without, all are 0.
-  const auto make = [&](const at::Tensor& like) { return any_work ? at::empty_like(like) : at::zeros_like(like); };
-  at::Tensor dq = make(in.q), du = make(in.u), dk = make(in.k), dv = make(in.v);
-  if (any_work) {
-    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "mscmat_scores_backward_cpu", [&] {
-      backward_impl<scalar_t>(in, static_cast<scalar_t>(scale), grad.data_ptr<scalar_t>(), dq, du, dk, dv);
-    });
-  }
-  // dq and du back from head-major to the callers' layout; dk and dv are in it already.
-  const auto dtype = q.scalar_type();
-  const auto images_layout = [&](const at::Tensor& t) { return t.permute({1, 0, 2}).to(dtype).contiguous(); };
-  return {images_layout(dq), images_layout(du), dk.to(dtype), dv.to(dtype)};
+  const at::Tensor none = at::empty({0}, q.options());
+  return scores_backward(grad_scores, q, u, k, v, word_mask, none, none, scale, {true, true, true, true});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mscmat_scores_for_grad_cpu(
+    const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& word_mask, double scale, bool keep_softmax) {
+  return scores_forward(q, u, k, v, word_mask, scale, keep_softmax);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscmat_scores_for_grad_backward_cpu(
+    const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& word_mask, const at::Tensor& probs,
+    const at::Tensor& logit_grads, double scale, std::array<bool, 4> needs_grad) {
+  return scores_backward(grad_scores, q, u, k, v, word_mask, probs, logit_grads, scale, needs_grad);
 }
 
 }  // namespace
@@ -411,6 +705,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscmat_scores_backwar
 TORCH_LIBRARY_IMPL(msa, CPU, m) {
   m.impl("mscmat_scores", &mscmat_scores_cpu);
   m.impl("mscmat_scores_backward", &mscmat_scores_backward_cpu);
+  m.impl("mscmat_scores_for_grad", &mscmat_scores_for_grad_cpu);
+  m.impl("mscmat_scores_for_grad_backward", &mscmat_scores_for_grad_backward_cpu);
 }
 
 }  // namespace msa

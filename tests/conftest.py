@@ -1,9 +1,71 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and helpers. Import the helpers with ``from conftest import ...`` (pytest puts tests/ on
+sys.path)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from synthetic_data import SyntheticDataset, write_synthetic_dataset
+
+# ---- mscmat_scores: inputs and the low-precision error rule ----------------------------------------------------
+
+MASK_KINDS = (None, "random", "masked-texts", "all-masked")
+
+
+def make_op_inputs(
+    ni: int,
+    nt: int,
+    length: int,
+    heads: int,
+    head_dim: int,
+    *,
+    mask_kind: str | None = "masked-texts",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    requires_grad: bool = False,
+    device: str | torch.device = "cpu",
+):
+    """Random ``q, u`` [Ni, H, Dh], ``k, v`` [Nt, L, H, Dh] and a bool word mask [Nt, L] for ``mscmat_scores``.
+
+    Values are drawn in float64 on the CPU from ``seed`` and then cast, so every dtype and device sees the same
+    numbers. ``mask_kind``: None (no mask), "random" (about 60% real words, the first word of every text real),
+    "masked-texts" (random, and texts 0, 3, 6, ... without a real word: they must score 0),
+    "all-masked" (no real word anywhere).
+    """
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        values = torch.randn(*shape, generator=generator, dtype=torch.float64)
+        return values.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    q, u = randn(ni, heads, head_dim), randn(ni, heads, head_dim)
+    k, v = randn(nt, length, heads, head_dim), randn(nt, length, heads, head_dim)
+    if mask_kind is None:
+        return q, u, k, v, None
+    mask = torch.rand(nt, length, generator=generator) > 0.4
+    mask[:, 0] = True
+    if mask_kind == "masked-texts":
+        mask[::3] = False
+    elif mask_kind == "all-masked":
+        mask[:] = False
+    return q, u, k, v, mask.to(device)
+
+
+def check_close(got: torch.Tensor, low_precision: torch.Tensor, want: torch.Tensor, name: str, dtype: torch.dtype):
+    """flash-attention's rule: the kernel's error against the float64 (or float32) reference ``want`` is at most
+    twice the error of the reference itself run in the low precision (``low_precision``), plus a small floor scaled
+    to the values."""
+    want = want.double()
+    kernel_error = (got.double() - want).abs().max().item()
+    reference_error = (low_precision.double() - want).abs().max().item()
+    magnitude = max(1.0, want.abs().max().item())
+    floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * magnitude
+    assert kernel_error <= 2 * reference_error + floor, (
+        f"{name}: kernel error {kernel_error:.3e} > 2 x reference error {reference_error:.3e} + {floor:.1e}"
+    )
+
 
 # --- Synthetic datasets (see tests/synthetic_data.py) ---------------------------------------------------------------
 

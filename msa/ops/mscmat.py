@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
@@ -13,7 +14,50 @@ from msa.ops.reference import mscmat_scores_ref
 if _extension.EXTENSION_LOADED:
     from msa.ops import _registration  # noqa: F401  (fake kernels and autograd of the compiled op)
 
+logger = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+# With gradients, the CPU kernel keeps the softmax p and p * (r - o) * scale of the forward ([H, Nt, L, Ni] each, in
+# float32) for the backward while both fit in this many bytes, and recomputes them tile by tile beyond it
+# (8 GEMM-sized products per forward + backward instead of 6). 512 MiB covers Ni = Nt = 400 at L = 32, H = 12.
+# Set with set_saved_softmax_budget() or the MSA_SAVED_SOFTMAX_MB environment variable (read at import).
+DEFAULT_SAVED_SOFTMAX_BUDGET = 512 * 2**20
+
+
+def _budget_from_environment() -> int:
+    value = os.environ.get("MSA_SAVED_SOFTMAX_MB")
+    if value is None or value.strip() == "":
+        return DEFAULT_SAVED_SOFTMAX_BUDGET
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(
+            f"MSA_SAVED_SOFTMAX_MB (environment variable) must be a number of MiB, got {value!r}"
+        ) from None
+    if megabytes < 0:
+        raise ValueError(f"MSA_SAVED_SOFTMAX_MB (environment variable) must be >= 0, got {value!r}")
+    return int(megabytes * 2**20)
+
+
+_saved_softmax_budget = _budget_from_environment()
+
+
+def set_saved_softmax_budget(num_bytes: int | None) -> None:
+    """Bytes the CPU backend may keep from forward to backward (softmax and readouts, ``8 * H * Ni * Nt * L`` in
+    float32); ``0`` always recomputes, ``None`` restores the default (or ``MSA_SAVED_SOFTMAX_MB``)."""
+    global _saved_softmax_budget
+    if num_bytes is not None and num_bytes < 0:
+        raise ValueError(f"the saved softmax budget must be >= 0 bytes, got {num_bytes}")
+    _saved_softmax_budget = _budget_from_environment() if num_bytes is None else int(num_bytes)
+
+
+def saved_softmax_bytes(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Bytes the CPU backend keeps for the backward of ``mscmat_scores(q, u, k, v)``: p and r, [H, Nt, L, Ni]."""
+    itemsize = 8 if q.dtype == torch.float64 else 4
+    num_texts, length, heads, _ = k.shape
+    return 2 * heads * num_texts * length * q.shape[0] * itemsize
+
 
 # Looked up once at import: torch.compile then sees plain constants.
 _COMPILED_KERNELS = {device: _extension.has_kernel(device) for device in ("cpu", "cuda")}
@@ -70,6 +114,27 @@ def _unavailable_reason(backend: str, device: torch.device) -> str:
     return f"the 'triton' backend runs on CUDA tensors (or under TRITON_INTERPRET=1), these are on {device}"
 
 
+_warned_about_fallback = False
+
+
+def _warn_once_about_fallback(device: torch.device) -> None:
+    # A source checkout without an in-place build imports msa without msa._C: say so once, or the einsum
+    # gets measured (and trained with) unknowingly.
+    global _warned_about_fallback
+    if _warned_about_fallback or device.type != "cpu" or _COMPILED_KERNELS["cpu"] or torch.compiler.is_compiling():
+        return
+    _warned_about_fallback = True
+    import msa
+
+    logger.warning(
+        "mscmat_scores backend='auto' uses the einsum reference: the msa imported from %s has no compiled "
+        "extension (%s); %s",
+        os.path.dirname(msa.__file__),
+        _extension.EXTENSION_ERROR or "no CPU kernel registered",
+        _HOW_TO_BUILD,
+    )
+
+
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """The concrete backend that ``backend`` names for tensors on ``device``.
 
@@ -79,8 +144,15 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if backend == "auto":
         backend = os.environ.get("MSA_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"unknown backend {backend!r} in the MSA_BACKEND environment variable; expected one of {BACKENDS}"
+            )
         if backend == "auto":
-            return available_backends(device)[0]
+            chosen = available_backends(device)[0]
+            if chosen == "reference":
+                _warn_once_about_fallback(device)
+            return chosen
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if not backend_available(backend, device):
@@ -102,6 +174,10 @@ def _check_inputs(q, u, k, v, word_mask) -> None:
             raise ValueError(f"mscmat_scores: {name} must be {layout}, got shape {tuple(tensor.shape)}")
         if not tensor.is_floating_point():
             raise TypeError(f"mscmat_scores: {name} must be a floating-point tensor, got {tensor.dtype}")
+    if q.shape[-1] == 0:
+        raise ValueError(
+            f"mscmat_scores: the head dim Dh (last dim of q, u, k, v) must be at least 1, got {tuple(q.shape)}"
+        )
     if u.shape != q.shape:
         raise ValueError(f"mscmat_scores: u must have q's shape {tuple(q.shape)} [Ni, H, Dh], got {tuple(u.shape)}")
     if k.shape[2:] != q.shape[1:]:
@@ -176,4 +252,7 @@ def mscmat_scores(
         from msa.kernels.mscmat_triton import mscmat_scores_triton
 
         return mscmat_scores_triton(q, u, k, v, word_mask, scale)
+    if chosen == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, u, k, v)):
+        keep_softmax = saved_softmax_bytes(q, k) <= _saved_softmax_budget
+        return torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, word_mask, scale, keep_softmax)[0]
     return torch.ops.msa.mscmat_scores(q, u, k, v, word_mask, scale)

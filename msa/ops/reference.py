@@ -31,6 +31,11 @@ def mscmat_scores_ref(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if word_mask is not None:
+        # A masked word contributes nothing whatever k and v hold there (NaN, inf): zeroing them also keeps
+        # 0 * NaN out of the gradients of q and u.
+        word_is_masked = (word_mask == 0)[:, :, None, None]
+        k, v = k.masked_fill(word_is_masked, 0.0), v.masked_fill(word_is_masked, 0.0)
     logits = torch.einsum("ihd,jlhd->ijhl", q, k) * scale
     readouts = torch.einsum("ihd,jlhd->ijhl", u, v)
     if word_mask is None:
@@ -38,6 +43,8 @@ def mscmat_scores_ref(
     else:
         valid = (word_mask != 0)[None, :, None, :]
         weights = logits.masked_fill(~valid, float("-inf")).softmax(dim=-1)
-        # A text with no valid word has a 0/0 softmax; it contributes nothing instead.
+        # A text with no valid word has a 0/0 softmax; it contributes nothing instead. The readouts of masked
+        # words are zeroed too, so that a non-finite image row (u) cannot reach a score through 0 * inf.
         weights = weights.masked_fill(~valid, 0.0)
+        readouts = readouts.masked_fill(~valid, 0.0)
     return (weights * readouts).sum(dim=(-1, -2))
