@@ -216,8 +216,8 @@ def _kill_during(command: list[str], index: Path, tmp_path: Path) -> None:
         while not list(index.glob("gen-*/parts/part-0/embeddings.f16")):
             assert process.poll() is None, (tmp_path / "killed.log").read_text()
             assert time.monotonic() < deadline, "the indexer never started encoding"
-            time.sleep(0.02)
-        time.sleep(0.3)  # a few batches into the encoding
+            time.sleep(0.01)
+        time.sleep(0.05)  # into the encoding
         assert process.poll() is None, "the indexer finished before it could be killed"
     finally:
         process.send_signal(signal.SIGKILL)
@@ -226,7 +226,7 @@ def _kill_during(command: list[str], index: Path, tmp_path: Path) -> None:
     assert process.returncode == -signal.SIGKILL
 
 
-def _slow_folder(root: Path, count: int = 160) -> None:
+def _slow_folder(root: Path, count: int = 300) -> None:
     from PIL import Image
 
     root.mkdir(parents=True)
@@ -245,18 +245,18 @@ def test_kill_9_during_build_and_update_leaves_a_usable_index(tmp_path, model):
     # A rebuild killed mid-encoding: the previous index still answers, the next run recovers.
     _kill_during([*cli, "build", "--model", "msa-tiny", "--images", str(tmp_path / "images"), "--out", str(index),
                   *small], index, tmp_path)  # fmt: skip
-    assert Searcher(index).num_images == 160
+    assert Searcher(index).num_images == 300
     (tmp_path / "images" / "img_0000.png").unlink()
     for extra in range(3):
         from PIL import Image
 
         Image.fromarray(pattern(1000 + extra, (160, 160))).save(tmp_path / "images" / f"new_{extra}.png")
-    # An update killed mid-encoding (100 changed files keep it encoding long enough): same.
-    for number in range(1, 101):
+    # An update killed mid-encoding (250 changed files keep it encoding long enough): same.
+    for number in range(1, 251):
         os.utime(tmp_path / "images" / f"img_{number:04d}.png", ns=(time.time_ns(), time.time_ns() + 10**9))
     _kill_during([*cli, "update", "--index", str(index), *small], index, tmp_path)
-    assert Searcher(index).num_images == 160
+    assert Searcher(index).num_images == 300
     report = update_index(index)
-    assert (report.indexed, report.encoded, report.removed) == (162, 103, 101)
+    assert (report.indexed, report.encoded, report.removed) == (302, 253, 251)
     assert len(list(index.glob("gen-*"))) == 1
     assert Searcher(index).search(["a scene"], top_k=3)[0][0].path.endswith(".png")

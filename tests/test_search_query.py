@@ -129,7 +129,7 @@ def test_cli_json_queries_file_and_errors(index, tmp_path, capsys):
         assert message in error and error.count("\n") == 1, error
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfsq8", "ivfpq"])
 def test_ivf_index_finds_what_exact_search_finds(tmp_path, index, kind):
     images = read_manifest(index).images_root
     out = tmp_path / kind

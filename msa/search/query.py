@@ -134,23 +134,26 @@ class Searcher:
         if any(not isinstance(q, str) or not q.strip() for q in queries):
             raise ValueError("every query must be a non-empty string")
         _check_counts(top_k, rerank)
-        if self.num_images == 0:
-            return [[] for _ in queries]
-        text_parts = []
+        results = []
         for start in range(0, len(queries), TEXT_BATCH):
             tokens = self.model.tokenize(queries[start : start + TEXT_BATCH])
-            text_parts.append(
-                self.model.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
-            )
+            input_ids, attention_mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+            results += self.search_features(self.model.encode_text(input_ids, attention_mask), top_k, rerank)
+        return results
+
+    @torch.no_grad()
+    def search_features(self, text_features: Any, top_k: int = 10, rerank: int = 100) -> list[list[Hit]]:
+        """:meth:`search` for already encoded queries (:class:`msa.model.TextFeatures` of Q texts)."""
+        _check_counts(top_k, rerank)
+        if self.num_images == 0:
+            return [[] for _ in range(len(text_features))]
         depth = min(max(rerank, top_k), self.num_images)
-        embeds = torch.cat([part.embeds for part in text_parts]).float().cpu().numpy()
-        scores, rows = self.vectors.search(embeds, depth)
+        scores, rows = self.vectors.search(text_features.embeds.float().cpu().numpy(), depth)
         results = []
-        for query in range(len(queries)):
-            part, offset = divmod(query, TEXT_BATCH)
-            text = text_parts[part][offset : offset + 1]
+        for query in range(len(text_features)):
             found = rows[query] >= 0
             if rerank:
+                text = text_features[query : query + 1]
                 results.append(self._reranked(rows[query][found], scores[query][found], text, top_k))
             else:
                 results.append(self._hits(rows[query][found][:top_k], scores[query][found][:top_k]))
