@@ -218,13 +218,16 @@ def assemble(
     try:
         for start in range(0, len(rows), _COPY_ROWS):
             chunk = rows[start : start + _COPY_ROWS]
+            picks = {}  # source -> (positions in the chunk, rows in the source)
+            for position, (_, source, row) in enumerate(chunk):
+                positions, source_rows = picks.setdefault(source, ([], []))
+                positions.append(position)
+                source_rows.append(row)
             for matrix_index, handle in enumerate(handles):
                 width = next(iter(sources.values()))[matrix_index].shape[1]
                 block = np.empty((len(chunk), width), dtype=STORAGE_DTYPE)
-                for source, matrices in sources.items():
-                    positions = [i for i, item in enumerate(chunk) if item[1] == source]
-                    if positions:
-                        block[positions] = matrices[matrix_index][[chunk[i][2] for i in positions]]
+                for source, (positions, source_rows) in picks.items():
+                    block[positions] = sources[source][matrix_index][source_rows]
                 handle.write(block.tobytes())
     finally:
         for handle in handles:
