@@ -276,6 +276,7 @@ def bench_build(args) -> dict:
             build_index(model, folder, out, IndexOptions(batch_size=args.batch_size))
             timings["build_index"].append(time.perf_counter() - start)
     shutil.rmtree(folder)
+    shutil.rmtree(Path(args.work) / "build_index")
     encoder = statistics.median(timings["encoder alone"])
     return {
         "model": args.build_model,
