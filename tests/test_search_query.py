@@ -31,7 +31,7 @@ QUERIES = ["many planes parked near a terminal", "a river crosses green farmland
 def index(tmp_path_factory):
     base = tmp_path_factory.mktemp("query")
     make_synthetic_folder(base / "images", count=30)
-    build_index("msa-tiny", base / "images", base / "index", IndexOptions(batch_size=8))
+    build_index("msa-tiny", base / "images", base / "index", IndexOptions(batch_size=8, num_workers=2))
     return base / "index"
 
 
