@@ -78,9 +78,11 @@ def published_model():
     return model.eval()
 
 
-def rss_mib() -> float:
+def rss_mib(kind: str = "VmRSS") -> float:
+    """Resident memory from /proc/self/status: ``VmRSS`` (all), ``RssAnon`` (heap) or ``RssFile`` (pages of mapped
+    files: the index's memory maps, which the kernel can drop under pressure)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(kind + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -176,7 +178,7 @@ def bench_size(model, fingerprint: str, config: dict, num: int, args) -> list[di
     ivf_write_s = write_synthetic_index(ivf_dir, num, fingerprint, config, args.ivf_kind, args.nlist, exact_dir)
     results = {}
     for kind, folder, seconds in ((args.ivf_kind, ivf_dir, ivf_write_s), ("exact", exact_dir, write_s)):
-        before = rss_mib()
+        before, before_anon, before_file = rss_mib(), rss_mib("RssAnon"), rss_mib("RssFile")
         searcher = Searcher(folder, model=model, nprobe=args.nprobe)
         opened = rss_mib()
         queries = synthetic_queries(searcher, args.queries)
@@ -204,6 +206,8 @@ def bench_size(model, fingerprint: str, config: dict, num: int, args) -> list[di
                 "disk_mib": disk,
                 "rss_open_mib": opened - before,
                 "rss_after_queries_mib": rss_mib() - before,
+                "rss_anon_after_queries_mib": rss_mib("RssAnon") - before_anon,
+                "rss_file_after_queries_mib": rss_mib("RssFile") - before_file,
                 "write_seconds": seconds,
                 "nprobe": getattr(searcher.vectors.index, "nprobe", None),
                 "sweep": sweep,
@@ -315,7 +319,7 @@ def markdown(env: dict, rows: list[dict], text_ms: float | None, build: dict | N
         f"{env['load_average_1min']:.1f}), torch {env['torch']}, git {env['git']}",
         "",
         "| images | search (nprobe) | global top-10 p50 / p95 ms | re-rank 100 p50 / p95 ms | recall@10 vs exact "
-        "| disk MiB | RSS open / after queries MiB | write s |",
+        "| disk MiB | RSS open / after queries MiB (anon + file) | write s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -324,6 +328,7 @@ def markdown(env: dict, rows: list[dict], text_ms: float | None, build: dict | N
             f"| {row['global_p50_ms']:.1f} / {row['global_p95_ms']:.1f} "
             f"| {row['rerank100_p50_ms']:.1f} / {row['rerank100_p95_ms']:.1f} | {row['recall_at_10_vs_exact']:.3f} "
             f"| {row['disk_mib']:.0f} | {row['rss_open_mib']:.0f} / {row['rss_after_queries_mib']:.0f} "
+            f"({row['rss_anon_after_queries_mib']:.0f} + {row['rss_file_after_queries_mib']:.0f}) "
             f"| {row['write_seconds']:.1f} |"
         )
     for row in rows:
