@@ -26,6 +26,7 @@ from msa.search.storage import (
     METADATA_NAME,
     VECTORS_NAME,
     ModelMismatchError,
+    RowReader,
     SearchIndexError,
     connect_read_only,
     open_matrix,
@@ -81,8 +82,13 @@ class Searcher:
             )
         self.embeddings = open_matrix(self.manifest, EMBEDDINGS_NAME)
         self.scale_features = [open_matrix(self.manifest, scale_name(s)) for s in range(self.num_scales)]
+        self._scale_readers = [RowReader(self.manifest, scale_name(s)) for s in range(self.num_scales)]
         self.vectors = GlobalSearch(
-            self.embeddings, self.manifest.values["vector_index"], self.manifest.generation_dir / VECTORS_NAME, nprobe
+            self.embeddings,
+            self.manifest.values["vector_index"],
+            self.manifest.generation_dir / VECTORS_NAME,
+            nprobe,
+            read_rows=RowReader(self.manifest, EMBEDDINGS_NAME).read,
         )
         self._metadata = connect_read_only(self.manifest.generation_dir / METADATA_NAME)
         self.transform = self.model.image_transform(train=False)
@@ -160,11 +166,8 @@ class Searcher:
         return results
 
     def _reranked(self, rows: np.ndarray, global_scores: np.ndarray, text: Any, top_k: int) -> list[Hit]:
-        order = np.argsort(rows)  # a forward sweep over the memory maps
-        features = [
-            torch.from_numpy(np.asarray(matrix[rows[order]], dtype=np.float32)).to(self.device)
-            for matrix in self.scale_features
-        ]
+        order = np.argsort(rows)  # a forward sweep over the files
+        features = [torch.from_numpy(reader.read(rows[order])).to(self.device) for reader in self._scale_readers]
         per_scale = rerank_scores(self.model, features, text)[:, :, 0].cpu()
         per_scale = per_scale[:, np.argsort(order)]  # back to the candidates' order
         final = per_scale.sum(0).numpy()

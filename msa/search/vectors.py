@@ -93,16 +93,24 @@ class GlobalSearch:
 
     Args:
         embeddings: [N, D] float16 (a memory map).
+        read_rows: rows -> [len(rows), D] float32, for re-scoring (default: read ``embeddings``).
         parameters: the manifest's ``vector_index`` record (``{"kind": "flat"}`` for exact search).
         index_path: the trained IVF / IVF-PQ index file (unused for exact search).
         nprobe: inverted lists visited per query (default: the manifest's).
     """
 
     def __init__(
-        self, embeddings: np.ndarray, parameters: dict[str, Any], index_path: Path | None, nprobe: int | None = None
+        self,
+        embeddings: np.ndarray,
+        parameters: dict[str, Any],
+        index_path: Path | None,
+        nprobe: int | None = None,
+        read_rows: Any = None,
     ):
         faiss = _faiss()
         self.embeddings = embeddings
+        # Rows for the exact re-scoring of quantised candidates (float32); default: from ``embeddings``.
+        self.read_rows = read_rows or (lambda rows: np.asarray(embeddings[rows], dtype=np.float32))
         self.kind = parameters["kind"]
         self.refine = int(parameters.get("refine", 0))
         if self.kind == "flat":
@@ -130,7 +138,7 @@ class GlobalSearch:
         rows = np.full((len(queries), k), -1, dtype=np.int64)
         for query, (vector, found) in enumerate(zip(queries, candidates)):
             found = np.unique(found[found >= 0])  # sorted: a forward sweep over the memory map
-            exact = self.embeddings[found].astype(np.float32) @ vector
+            exact = self.read_rows(found) @ vector
             best = np.argsort(-exact, kind="stable")[:k]
             scores[query, : len(best)] = exact[best]
             rows[query, : len(best)] = found[best]
