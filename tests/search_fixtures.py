@@ -3,17 +3,19 @@ files it must skip."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-# shared/data next to the checkout (or next to the folder of worktrees holding it).
-_CANDIDATES = [Path(__file__).resolve().parents[up] / "shared" / "data" / "rs_mini" for up in (2, 3)]
-REAL_IMAGES = next((path for path in _CANDIDATES if path.is_dir()), _CANDIDATES[0])
+# The real data: $MSA_SHARED_DATA, else shared/data next to the checkout (or next to its folder of worktrees).
+_CANDIDATES = [Path(__file__).resolve().parents[up] / "shared" / "data" for up in (2, 3)]
+_DATA = Path(os.environ.get("MSA_SHARED_DATA") or next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0]))
+REAL_IMAGES = _DATA / "rs_mini"
 # Messages name no machine path: the test suite runs on checkouts without the shared data.
-NO_REAL_IMAGES = "the rs_mini real images (shared/data/rs_mini next to the checkout) are not available"
+NO_REAL_IMAGES = "real images (rs_mini) not available; set MSA_SHARED_DATA"
 
 
 def pattern(seed: int, size: tuple[int, int] = (48, 40)) -> np.ndarray:
