@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -150,9 +151,17 @@ def test_torchrun_sharded_build_equals_single_process(tmp_path, index):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "msa.search.index", "build", "--model", "msa-tiny", "--images", str(images), "--out", str(out),
                "--batch-size", "8", "--no-progress"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("images indexed") == 1  # rank 0 reports
+    # A session of its own: on a timeout the whole group (torchrun and its workers) is killed, not torchrun alone.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    assert stdout.count("images indexed") == 1  # rank 0 reports
     single, sharded = read_manifest(index), read_manifest(out)
     assert read_metadata(sharded.generation_dir / "metadata.sqlite") == read_metadata(
         single.generation_dir / "metadata.sqlite"
