@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from msa.data import AnnotationError, ImageLoadError, RetrievalSplit, carve_val, check_images, load_annotations
-from msa.evaluation import SCORING_MODES, evaluate_model, metrics_table
+from msa.evaluation import RERANK_MODE, SCORING_MODES, evaluate_model, metrics_table
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--val-seed", type=int, default=0, help="seed of the val carve-out (as in training)")
     add("--skip-bad", action="store_true", help="skip and count empty captions and unreadable images")
     add("--modes", nargs="+", choices=SCORING_MODES, default=list(SCORING_MODES), help="scoring modes")
+    add("--rerank", type=int, nargs="+", metavar="R", help="also re-rank: global top-R, then MSCMAT (R = 10 50 100 ..)")
     add("--fusion-weight", type=float, default=1.0, help="fusion = global + weight x mscmat")
     add("--batch-size", type=int, default=128, help="encoder batch size")
     add("--chunk-size", type=int, default=1024, help="images/texts per block of the MSCMAT scoring")
@@ -92,6 +93,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Load the checkpoint and the split of ``args``, score every mode; the record ``--output-json`` writes."""
     from msa.model import MSAModel
 
+    if args.rerank and min(args.rerank) < 1:
+        raise UsageError(f"--rerank depths must be positive, got {args.rerank}")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -113,7 +116,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     metrics = evaluate_model(
         model,
         split,
-        modes=args.modes,
+        modes=[*args.modes, RERANK_MODE] if args.rerank else args.modes,
+        rerank_depths=args.rerank or (),
         fusion_weight=args.fusion_weight,
         device=device,
         batch_size=args.batch_size,
@@ -148,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if record["skipped"]:
         print(f"skipped: {record['skipped']}")
     print(metrics_table(record["metrics"]))
+    timed = {mode: row["seconds"] for mode, row in record["metrics"].items() if "seconds" in row}
+    if timed:
+        print("scoring seconds: " + ", ".join(f"{mode} {seconds:.3f}" for mode, seconds in timed.items()))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
