@@ -1,0 +1,1 @@
+"""Search an image archive: the web front end (``msa.search.serve``)."""

@@ -1,0 +1,324 @@
+"""``msa-serve``: a local web page and JSON API to search an image index built with ``msa-index``.
+
+``msa-serve --index INDEX_DIR [--host 127.0.0.1] [--port 8000]`` serves:
+
+- ``/``: the search page (a text box, k and re-rank controls, a grid of thumbnails with their scores and paths,
+  per-scale score bars on hover or click); its HTML, JS and CSS ship with the package and load nothing else;
+- ``GET /api/search?q=TEXT&k=10&rerank=100``: the same search as JSON;
+- ``GET /thumbnail/ROW``: a JPEG thumbnail of the indexed image of that row (only rows of the index);
+- ``/healthz``: liveness and the index's counts.
+
+The server binds to 127.0.0.1 unless told otherwise: the page has no authentication, and anyone who can reach it can
+see every indexed image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import io
+import logging
+import math
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_K = 100
+MAX_RERANK = 1000
+MAX_QUERY_CHARS = 1000
+THUMBNAIL_SIZE = 256
+THUMBNAIL_CACHE_ROWS = 1024
+
+# Every response carries these: the page loads only its own files (no CDN, no inline script), and nothing is sniffed.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+# The page's files, read from the package once at start-up: no request path is ever joined to a folder.
+STATIC_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+
+# A row id in a URL: plain decimal digits only (no sign, no exponent, no whitespace), short enough to be an int64.
+ROW_PATTERN = re.compile(r"[0-9]{1,18}")
+
+
+class SearcherLike(Protocol):
+    """What the app needs of ``msa.search.Searcher``."""
+
+    num_images: int
+    num_scales: int
+
+    def search(self, queries: list[str], top_k: int = 10, rerank: int = 100) -> list[list[Any]]: ...
+
+    def image_path(self, row: int) -> Any: ...
+
+
+class ApiError(Exception):
+    """A request the app refuses: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """Bounds on the search parameters a request may ask for."""
+
+    max_top_k: int = MAX_TOP_K
+    max_rerank: int = MAX_RERANK
+    max_query_chars: int = MAX_QUERY_CHARS
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity; a non-finite score is sent as null rather than failing the whole response."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _hit_to_json(rank: int, hit: Any) -> dict[str, Any]:
+    return {
+        "rank": rank,
+        "row": int(hit.row),
+        "path": str(hit.path),
+        "score": _finite_or_none(hit.score),
+        "global_score": _finite_or_none(hit.global_score),
+        "scale_scores": [_finite_or_none(score) for score in hit.scale_scores],
+        "thumbnail": f"/thumbnail/{int(hit.row)}",
+    }
+
+
+def _parse_int(name: str, raw: str | None, default: int, low: int, high: int) -> int:
+    if raw is None or raw.strip() == "":
+        return default
+    text = raw.strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,9}", text):
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}, got {raw!r}")
+    value = int(text)
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}, got {value}")
+    return value
+
+
+def parse_search_params(params: dict[str, str], limits: SearchLimits) -> tuple[str, int, int]:
+    """The query, k and rerank of a search request, or an ``ApiError`` naming the bad parameter."""
+    query = (params.get("q") or "").strip()
+    if not query:
+        raise ApiError(400, "q (the query text) is empty")
+    if len(query) > limits.max_query_chars:
+        raise ApiError(400, f"q is {len(query)} characters long; at most {limits.max_query_chars} are accepted")
+    top_k = _parse_int("k", params.get("k"), 10, 1, limits.max_top_k)
+    rerank = _parse_int("rerank", params.get("rerank"), 100, 0, limits.max_rerank)
+    return query, top_k, rerank
+
+
+def make_thumbnail(path: Any, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A JPEG of the image at ``path`` fitting in ``size`` x ``size``, decoded as training decodes it (to RGB)."""
+    from PIL import Image
+
+    from msa.data.datasets import load_image
+
+    image = load_image(path)
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _read_static_files() -> dict[str, bytes]:
+    folder = resources.files("msa.search").joinpath("static")
+    return {name: folder.joinpath(name).read_bytes() for name in STATIC_FILES}
+
+
+def _error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=SECURITY_HEADERS)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return _error_response(error.status, error.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = "not found" if error.status_code == 404 else str(error.detail)
+        return _error_response(error.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _error_response(400, "invalid request")
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        # The traceback goes to the server's log, never to the client.
+        logger.error("error while serving %s", request.url.path, exc_info=error)
+        return _error_response(500, "internal error; see the server's log")
+
+
+def create_app(searcher: SearcherLike, *, limits: SearchLimits | None = None) -> FastAPI:
+    """The FastAPI app serving ``searcher``: the search page, ``/api/search``, thumbnails and ``/healthz``.
+
+    Args:
+        searcher: an ``msa.search.Searcher`` (or anything with its ``search``, ``image_path``, ``num_images`` and
+            ``num_scales``). All calls to it run on one worker thread, one at a time: the searcher's model and its
+            SQLite table are then never used from two threads at once.
+        limits: bounds on k, rerank and the query length (``SearchLimits()`` by default).
+
+    Returns:
+        The app; serve it with uvicorn (``msa-serve`` does).
+    """
+    limits = limits or SearchLimits()
+    static_files = _read_static_files()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msa-searcher")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(title="msa search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.searcher = searcher
+    app.state.limits = limits
+    _install_error_handlers(app)
+
+    async def on_worker(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(worker, functools.partial(function, *args))
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        return Response(static_files["index.html"], media_type=STATIC_FILES["index.html"])
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        if name not in static_files:
+            raise ApiError(404, "not found")
+        return Response(static_files[name], media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "num_images": int(searcher.num_images), "num_scales": int(searcher.num_scales)}
+
+    @app.get("/api/search")
+    async def api_search(request: Request) -> dict[str, Any]:
+        query, top_k, rerank = parse_search_params(dict(request.query_params), limits)
+        started = time.perf_counter()
+        try:
+            hits = (await on_worker(searcher.search, [query], top_k, rerank))[0]
+        except FileNotFoundError as error:
+            logger.error("index missing while searching: %s", error)
+            raise ApiError(410, "the index is missing or incomplete on the server; rebuild it with msa-index") from None
+        seconds = time.perf_counter() - started
+        return {
+            "query": query,
+            "k": top_k,
+            "rerank": rerank,
+            "num_images": int(searcher.num_images),
+            "num_scales": int(searcher.num_scales),
+            "seconds": round(seconds, 6),
+            "hits": [_hit_to_json(rank, hit) for rank, hit in enumerate(hits, start=1)],
+        }
+
+    @functools.lru_cache(maxsize=THUMBNAIL_CACHE_ROWS)
+    def thumbnail_of_row(row: int) -> bytes:
+        try:
+            path = searcher.image_path(row)
+        except KeyError:
+            raise ApiError(404, f"no indexed image has row {row}") from None
+        try:
+            return make_thumbnail(path)
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            logger.warning("thumbnail of row %d (%s) failed: %s", row, path, error)
+            raise ApiError(404, f"the image of row {row} is missing or unreadable on the server") from None
+
+    @app.get("/thumbnail/{row}", include_in_schema=False)
+    async def thumbnail(row: str) -> Response:
+        # Only a row number is taken from the URL; the file is whatever the index recorded for that row.
+        if not ROW_PATTERN.fullmatch(row):
+            raise ApiError(404, "a thumbnail is addressed by its row number")
+        image = await on_worker(thumbnail_of_row, int(row))
+        return Response(image, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msa-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--index", required=True, help="index folder written by msa-index build")
+    add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    add("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    add("--model", help="checkpoint or config of the index's model, if the index does not locate it")
+    add("--device", default="cpu", help="device of the text encoder and re-ranking (cpu, cuda, ...)")
+    add("--max-top-k", type=int, default=MAX_TOP_K, help=f"largest k a request may ask for (default {MAX_TOP_K})")
+    add("--max-rerank", type=int, default=MAX_RERANK, help=f"largest rerank (default {MAX_RERANK})")
+    add("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _open_searcher(args: argparse.Namespace) -> SearcherLike:
+    from msa.search import Searcher
+
+    return Searcher(args.index, model=args.model, device=args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
+    if not 0 <= args.port <= 65535:
+        print(f"msa-serve: error: --port must be from 0 to 65535, got {args.port}", file=sys.stderr)
+        return 2
+    if args.max_top_k < 1:
+        print(f"msa-serve: error: --max-top-k must be at least 1, got {args.max_top_k}", file=sys.stderr)
+        return 2
+    if args.max_rerank < 0:
+        print(f"msa-serve: error: --max-rerank must be at least 0, got {args.max_rerank}", file=sys.stderr)
+        return 2
+    try:
+        searcher = _open_searcher(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as error:
+        if args.debug:
+            raise
+        print(f"msa-serve: error: --index {args.index}: {error}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: anyone who can reach this address can search and see the images", args.host)
+    app = create_app(searcher, limits=SearchLimits(args.max_top_k, args.max_rerank))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
