@@ -69,7 +69,9 @@ function resultCard(hit, largest) {
   const line = element("div");
   line.append(element("span", "rank", `#${hit.rank}`), element("span", "score", formatScore(hit.score)));
   meta.append(line, element("div", "path", hit.path));
-  card.append(image, meta, scaleBars(hit, largest));
+  const thumb = element("div", "thumb");
+  thumb.append(image, scaleBars(hit, largest));
+  card.append(thumb, meta);
   const toggle = () => card.classList.toggle("open");
   card.addEventListener("click", toggle);
   card.addEventListener("keydown", (event) => {
