@@ -172,6 +172,7 @@ def test_search_defaults_and_global_only(client, searcher):
         ({"q": "farmland", "rerank": "-1"}, "rerank"),
         ({"q": "farmland", "rerank": "1001"}, "rerank"),
         ({"q": "farmland", "rerank": "all"}, "rerank"),
+        ({"q": "farmland", "k": "20", "rerank": "19"}, "rerank"),
     ],
 )
 def test_bad_search_requests_get_a_400_naming_the_parameter(client, searcher, params, names):
@@ -187,6 +188,10 @@ def test_limits_are_configurable(searcher):
         assert limited.get("/api/search", params={"q": "a port", "k": 6}).status_code == 400
         assert limited.get("/api/search", params={"q": "a port", "rerank": 21}).status_code == 400
         assert limited.get("/api/search", params={"q": "a port", "k": 5, "rerank": 20}).status_code == 200
+        assert limited.get("/api/search", params={"q": "a port", "k": 4}).json()["rerank"] == 20
+    with TestClient(create_app(searcher, limits=SearchLimits(max_top_k=300, max_rerank=500))) as wide:
+        assert wide.get("/api/search", params={"q": "a port", "k": 250}).json()["rerank"] == 250
+    assert searches(searcher)[-1] == ("search", ["a port"], 250, 250)
 
 
 def test_index_missing_at_search_time_is_a_4xx_json(client, searcher):

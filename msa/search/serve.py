@@ -36,6 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_TOP_K = 10
+DEFAULT_RERANK = 100
 MAX_TOP_K = 100
 MAX_RERANK = 1000
 MAX_QUERY_CHARS = 1000
@@ -129,8 +131,12 @@ def parse_search_params(params: dict[str, str], limits: SearchLimits) -> tuple[s
         raise ApiError(400, "q (the query text) is empty")
     if len(query) > limits.max_query_chars:
         raise ApiError(400, f"q is {len(query)} characters long; at most {limits.max_query_chars} are accepted")
-    top_k = _parse_int("k", params.get("k"), 10, 1, limits.max_top_k)
-    rerank = _parse_int("rerank", params.get("rerank"), 100, 0, limits.max_rerank)
+    top_k = _parse_int("k", params.get("k"), DEFAULT_TOP_K, 1, limits.max_top_k)
+    # Without a rerank, re-rank the usual 100 candidates, or k when more are asked for (rerank >= k is required).
+    default_rerank = min(max(DEFAULT_RERANK, top_k), limits.max_rerank)
+    rerank = _parse_int("rerank", params.get("rerank"), default_rerank, 0, limits.max_rerank)
+    if 0 < rerank < top_k:
+        raise ApiError(400, f"rerank must be 0 (global cosine only) or at least k ({top_k}), got {rerank}")
     return query, top_k, rerank
 
 
