@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from msa.search import serve
+from msa.search import IndexCorruptError, serve
 from msa.search.serve import SearchLimits, create_app
 
 
@@ -194,12 +194,23 @@ def test_limits_are_configurable(searcher):
     assert searches(searcher)[-1] == ("search", ["a port"], 250, 250)
 
 
-def test_index_missing_at_search_time_is_a_4xx_json(client, searcher):
-    searcher.error = FileNotFoundError("/somewhere/index/global.f16")
+@pytest.mark.parametrize(
+    "error",
+    [FileNotFoundError("/somewhere/index/embeddings.f16"), IndexCorruptError("/somewhere/index/scale_0.f16 is short")],
+)
+def test_index_missing_at_search_time_is_a_4xx_json(client, searcher, error):
+    searcher.error = error
     response = client.get("/api/search", params={"q": "a stadium"})
     assert 400 <= response.status_code < 500
     assert "index is missing" in response.json()["error"]
     assert "somewhere" not in response.text
+
+
+def test_the_searchers_argument_errors_are_400s(client, searcher):
+    searcher.error = ValueError("every query must be a non-empty string")
+    response = client.get("/api/search", params={"q": "a stadium"})
+    assert response.status_code == 400
+    assert response.json() == {"error": "every query must be a non-empty string"}
 
 
 def test_an_unexpected_error_is_a_json_500_without_traceback(client, searcher):

@@ -34,6 +34,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from msa.search.storage import SearchIndexError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 10
@@ -239,9 +241,13 @@ def create_app(searcher: SearcherLike, *, limits: SearchLimits | None = None) ->
         started = time.perf_counter()
         try:
             hits = (await on_worker(searcher.search, [query], top_k, rerank))[0]
-        except FileNotFoundError as error:
-            logger.error("index missing while searching: %s", error)
-            raise ApiError(410, "the index is missing or incomplete on the server; rebuild it with msa-index") from None
+        except (SearchIndexError, FileNotFoundError) as error:
+            # The index's files went missing or changed under the server: the details (paths) go to the log only.
+            logger.error("the index failed while searching: %s", error)
+            message = "the index is missing or damaged on the server; restart msa-serve on a good index"
+            raise ApiError(410, message) from None
+        except ValueError as error:  # the searcher's own argument checks
+            raise ApiError(400, str(error)) from None
         seconds = time.perf_counter() - started
         return {
             "query": query,
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         searcher = _open_searcher(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as error:
+    except (SearchIndexError, ValueError, OSError) as error:
         if args.debug:
             raise
         print(f"msa-serve: error: --index {args.index}: {error}", file=sys.stderr)
