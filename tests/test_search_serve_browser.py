@@ -76,6 +76,7 @@ def headless_chromium(profile: Path):
         "--disable-component-update",
         "--no-first-run",
         "--disable-dev-shm-usage",
+        "--no-proxy-server",
         f"--user-data-dir={profile}",
         "--window-size=1280,900",
     ):
@@ -157,8 +158,12 @@ def test_search_page_in_headless_chromium(tmp_path: Path):
         WebDriverWait(driver, 10).until(lambda d: bars.is_displayed())
         rows = bars.find_elements(By.CSS_SELECTOR, ".scale")
         assert len(rows) == searcher.num_scales
-        fills = [row.find_element(By.CSS_SELECTOR, ".fill").value_of_css_property("width") for row in rows]
-        assert float(fills[0].removesuffix("px")) > float(fills[-1].removesuffix("px")) > 0
+        # A bar is the sigmoid score itself: its share of the track.
+        for row, value in zip(rows, expected[1].scale_scores):
+            fill = row.find_element(By.CSS_SELECTOR, ".fill").size["width"]
+            track = row.find_element(By.CSS_SELECTOR, ".track").size["width"]
+            assert fill / track == pytest.approx(value, abs=0.02)
+            assert row.find_element(By.CSS_SELECTOR, ".value").text == f"{value:.4f}"
         cards[2].click()
         ActionChains(driver).move_to_element(driver.find_element(By.TAG_NAME, "h1")).perform()
         WebDriverWait(driver, 10).until(lambda d: not bars.is_displayed())

@@ -26,28 +26,29 @@ function showStatus(text, isError) {
   statusLine.classList.toggle("error", Boolean(isError));
 }
 
-// Bars are scaled by the largest absolute per-scale score on the page, so that scales and hits compare at a glance.
-function largestScaleScore(hits) {
+// MSCMAT's per-scale scores are sigmoids, in [0, 1]: a bar is the score itself. Should a model give scores outside
+// that range, bars are scaled by the largest absolute score on the page instead, so that they still compare.
+function barScale(hits) {
   let largest = 0;
   for (const hit of hits) {
     for (const value of hit.scale_scores) {
       if (value !== null) largest = Math.max(largest, Math.abs(value));
     }
   }
-  return largest;
+  return largest <= 1 ? 1 : largest;
 }
 
-function scaleBars(hit, largest) {
+function scaleBars(hit, barFull) {
   const panel = element("div", "scales");
   if (hit.scale_scores.length === 0) {
-    panel.append(element("div", "", "global cosine only (re-rank 0 or not a candidate)"));
+    panel.append(element("div", "", "global cosine only (re-rank 0)"));
   }
   hit.scale_scores.forEach((value, scale) => {
     const row = element("div", "scale");
     row.append(element("span", "label", `scale ${scale}`));
     const track = element("div", "track");
     const fill = element("div", value !== null && value < 0 ? "fill negative" : "fill");
-    const fraction = value === null || largest === 0 ? 0 : Math.abs(value) / largest;
+    const fraction = value === null || barFull === 0 ? 0 : Math.abs(value) / barFull;
     fill.style.width = `${(100 * fraction).toFixed(1)}%`;
     track.append(fill);
     row.append(track, element("span", "value", formatScore(value)));
@@ -57,7 +58,7 @@ function scaleBars(hit, largest) {
   return panel;
 }
 
-function resultCard(hit, largest) {
+function resultCard(hit, barFull) {
   const card = element("li", "hit");
   card.tabIndex = 0;
   card.dataset.row = String(hit.row);
@@ -70,7 +71,7 @@ function resultCard(hit, largest) {
   line.append(element("span", "rank", `#${hit.rank}`), element("span", "score", formatScore(hit.score)));
   meta.append(line, element("div", "path", hit.path));
   const thumb = element("div", "thumb");
-  thumb.append(image, scaleBars(hit, largest));
+  thumb.append(image, scaleBars(hit, barFull));
   card.append(thumb, meta);
   const toggle = () => card.classList.toggle("open");
   card.addEventListener("click", toggle);
@@ -84,8 +85,8 @@ function resultCard(hit, largest) {
 }
 
 function showResults(body) {
-  const largest = largestScaleScore(body.hits);
-  grid.replaceChildren(...body.hits.map((hit) => resultCard(hit, largest)));
+  const barFull = barScale(body.hits);
+  grid.replaceChildren(...body.hits.map((hit) => resultCard(hit, barFull)));
   const mode = body.rerank > 0 ? `re-ranked top ${body.rerank} by MSCMAT` : "global cosine";
   const milliseconds = Math.round(1000 * body.seconds);
   showStatus(`${body.hits.length} of ${body.num_images} images, ${mode}, ${milliseconds} ms`, false);
