@@ -261,6 +261,12 @@ def test_thumbnail_of_a_vanished_file_is_a_json_404(client, searcher):
     assert response.status_code == 404 and "unreadable" in response.json()["error"]
 
 
+def test_thumbnail_of_an_image_over_the_decompression_bomb_limit_is_a_json_404(client, searcher, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 320 x 240 images are then "bombs"
+    response = client.get("/thumbnail/0")
+    assert response.status_code == 404 and "too large" in response.json()["error"]
+
+
 TRAVERSALS = [
     "/thumbnail/../../secret.txt",
     "/thumbnail/..%2F..%2Fsecret.txt",
@@ -319,9 +325,32 @@ def test_msa_serve_listens_on_localhost_by_default(searcher, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
     assert serve.main(["--index", "unused"]) == 0
     assert served["host"] == "127.0.0.1" and served["port"] == 8000
-    assert TestClient(served["app"]).get("/healthz").json()["num_images"] == searcher.num_images
+    local = TestClient(served["app"], base_url="http://127.0.0.1:8000")
+    assert local.get("/healthz").json()["num_images"] == searcher.num_images
+    assert local.get("/healthz", headers={"host": "localhost:8000"}).status_code == 200
+    # On localhost, a request for another host name (a rebound DNS name) is refused.
+    rebound = local.get("/api/search?q=a+port", headers={"host": "attacker.example:8000"})
+    assert rebound.status_code == 400 and "attacker.example" in rebound.json()["error"]
+    assert searches(searcher) == []
     assert serve.main(["--index", "unused", "--host", "0.0.0.0", "--port", "8123"]) == 0
     assert served["host"] == "0.0.0.0" and served["port"] == 8123
+    assert TestClient(served["app"], base_url="http://scenes.example").get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [("localhost:8000", "localhost"), ("127.0.0.1", "127.0.0.1"), ("[::1]:8000", "::1"), ("[::1]", "::1"),
+     ("Example.org", "Example.org"), ("", "")],
+)  # fmt: skip
+def test_host_name_of_a_host_header(header, name):
+    assert serve._host_name(header) == name
+
+
+def test_allowed_hosts(searcher):
+    with TestClient(create_app(searcher, allowed_hosts=["localhost"]), base_url="http://localhost:9000") as client:
+        assert client.get("/").status_code == 200
+        refused = client.get("/", headers={"host": "localhost.attacker.example"})
+        assert refused.status_code == 400 and refused.headers["content-type"] == "application/json"
 
 
 @pytest.mark.parametrize("flags", [["--port", "70000"], ["--max-top-k", "0"], ["--max-rerank", "-1"]])

@@ -24,6 +24,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -44,6 +45,7 @@ MAX_TOP_K = 100
 MAX_RERANK = 1000
 MAX_QUERY_CHARS = 1000
 THUMBNAIL_SIZE = 256
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 THUMBNAIL_CACHE_ROWS = 1024
 
 # Every response carries these: the page loads only its own files (no CDN, no inline script), and nothing is sniffed.
@@ -143,12 +145,20 @@ def parse_search_params(params: dict[str, str], limits: SearchLimits) -> tuple[s
 
 
 def make_thumbnail(path: Any, size: int = THUMBNAIL_SIZE) -> bytes:
-    """A JPEG of the image at ``path`` fitting in ``size`` x ``size``, decoded as training decodes it (to RGB)."""
+    """A JPEG of the image at ``path`` fitting in ``size`` x ``size``, decoded as training decodes it (to RGB).
+
+    Raises:
+        OSError: the file is missing or not a readable image.
+        ValueError: the image is too large for PIL's decompression-bomb limit.
+    """
     from PIL import Image
 
     from msa.data.datasets import load_image
 
-    image = load_image(path)
+    try:
+        image = load_image(path)
+    except Image.DecompressionBombError as error:
+        raise ValueError(str(error)) from None
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
@@ -185,41 +195,48 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(500, "internal error; see the server's log")
 
 
-def create_app(searcher: SearcherLike, *, limits: SearchLimits | None = None) -> FastAPI:
-    """The FastAPI app serving ``searcher``: the search page, ``/api/search``, thumbnails and ``/healthz``.
+class _Pools:
+    """The app's worker threads: one for the searcher (its model and SQLite connection are used by one thread at a
+    time), two for decoding thumbnails (so that a grid of thumbnails does not queue behind a search)."""
 
-    Args:
-        searcher: an ``msa.search.Searcher`` (or anything with its ``search``, ``image_path``, ``num_images`` and
-            ``num_scales``). All calls to it run on one worker thread, one at a time: the searcher's model and its
-            SQLite table are then never used from two threads at once.
-        limits: bounds on k, rerank and the query length (``SearchLimits()`` by default).
+    def __init__(self) -> None:
+        self.searcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msa-searcher")
+        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="msa-thumbnails")
 
-    Returns:
-        The app; serve it with uvicorn (``msa-serve`` does).
-    """
-    limits = limits or SearchLimits()
-    static_files = _read_static_files()
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msa-searcher")
+    async def on_searcher(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.searcher, functools.partial(function, *args))
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        worker.shutdown(wait=True, cancel_futures=True)
+    async def on_decoder(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, functools.partial(function, *args))
 
-    app = FastAPI(title="msa search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.searcher = searcher
-    app.state.limits = limits
-    _install_error_handlers(app)
+    def shutdown(self) -> None:
+        self.searcher.shutdown(wait=True, cancel_futures=True)
+        self.decoder.shutdown(wait=True, cancel_futures=True)
 
-    async def on_worker(function, *args):
-        return await asyncio.get_running_loop().run_in_executor(worker, functools.partial(function, *args))
 
+def _host_name(host_header: str) -> str:
+    """The name in a Host header, without its port: ``localhost:8000`` -> ``localhost``, ``[::1]:80`` -> ``::1``."""
+    if host_header.startswith("["):
+        return host_header[1 : host_header.find("]")] if "]" in host_header else host_header
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def _add_middleware(app: FastAPI, allowed_hosts: frozenset[str] | None) -> None:
     @app.middleware("http")
-    async def security_headers(request: Request, call_next):
+    async def check_host_and_add_headers(request: Request, call_next):
+        # A page of another site can point a DNS name at 127.0.0.1 and then read this server as its own origin (DNS
+        # rebinding); answering only to the names of this machine closes that.
+        host = _host_name(request.headers.get("host", "")).lower()
+        if allowed_hosts is not None and host not in allowed_hosts:
+            return _error_response(400, f"host {host!r} is not served here; use {sorted(allowed_hosts)[0]}")
         response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    static_files = _read_static_files()
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
@@ -231,6 +248,8 @@ def create_app(searcher: SearcherLike, *, limits: SearchLimits | None = None) ->
             raise ApiError(404, "not found")
         return Response(static_files[name], media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
 
+
+def _add_search_routes(app: FastAPI, searcher: SearcherLike, limits: SearchLimits, pools: _Pools) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "num_images": int(searcher.num_images), "num_scales": int(searcher.num_scales)}
@@ -240,7 +259,7 @@ def create_app(searcher: SearcherLike, *, limits: SearchLimits | None = None) ->
         query, top_k, rerank = parse_search_params(dict(request.query_params), limits)
         started = time.perf_counter()
         try:
-            hits = (await on_worker(searcher.search, [query], top_k, rerank))[0]
+            hits = (await pools.on_searcher(searcher.search, [query], top_k, rerank))[0]
         except (SearchIndexError, FileNotFoundError) as error:
             # The index's files went missing or changed under the server: the details (paths) go to the log only.
             logger.error("the index failed while searching: %s", error)
@@ -259,26 +278,56 @@ def create_app(searcher: SearcherLike, *, limits: SearchLimits | None = None) ->
             "hits": [_hit_to_json(rank, hit) for rank, hit in enumerate(hits, start=1)],
         }
 
-    @functools.lru_cache(maxsize=THUMBNAIL_CACHE_ROWS)
-    def thumbnail_of_row(row: int) -> bytes:
+    def path_of_row(row: int) -> Any:
         try:
-            path = searcher.image_path(row)
+            return searcher.image_path(row)
         except KeyError:
             raise ApiError(404, f"no indexed image has row {row}") from None
+
+    @functools.lru_cache(maxsize=THUMBNAIL_CACHE_ROWS)
+    def thumbnail_of_file(path: str) -> bytes:
         try:
             return make_thumbnail(path)
         except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-            logger.warning("thumbnail of row %d (%s) failed: %s", row, path, error)
-            raise ApiError(404, f"the image of row {row} is missing or unreadable on the server") from None
+            logger.warning("no thumbnail of %s: %s", path, error)
+            raise ApiError(404, "the image of this row is missing, unreadable or too large on the server") from None
 
     @app.get("/thumbnail/{row}", include_in_schema=False)
     async def thumbnail(row: str) -> Response:
         # Only a row number is taken from the URL; the file is whatever the index recorded for that row.
         if not ROW_PATTERN.fullmatch(row):
             raise ApiError(404, "a thumbnail is addressed by its row number")
-        image = await on_worker(thumbnail_of_row, int(row))
+        path = await pools.on_searcher(path_of_row, int(row))
+        image = await pools.on_decoder(thumbnail_of_file, str(path))
         return Response(image, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
+
+def create_app(
+    searcher: SearcherLike, *, limits: SearchLimits | None = None, allowed_hosts: Iterable[str] | None = None
+) -> FastAPI:
+    """The FastAPI app serving ``searcher``: the search page, ``/api/search``, thumbnails and ``/healthz``.
+
+    Args:
+        searcher: an ``msa.search.Searcher`` (or anything with its ``search``, ``image_path``, ``num_images`` and
+            ``num_scales``). All calls to it run on one worker thread, one at a time.
+        limits: bounds on k, rerank and the query length (``SearchLimits()`` by default).
+        allowed_hosts: the only host names (Host header, without port) answered; others get a 400. None: any.
+
+    Returns:
+        The app; serve it with uvicorn (``msa-serve`` does). Its worker threads stop when the server shuts down.
+    """
+    pools = _Pools()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        pools.shutdown()
+
+    app = FastAPI(title="msa search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    _install_error_handlers(app)
+    _add_middleware(app, None if allowed_hosts is None else frozenset(name.lower() for name in allowed_hosts))
+    _add_page_routes(app)
+    _add_search_routes(app, searcher, limits or SearchLimits(), pools)
     return app
 
 
@@ -325,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK_NAMES:
         logger.warning("listening on %s: anyone who can reach this address can search and see the images", args.host)
-    app = create_app(searcher, limits=SearchLimits(args.max_top_k, args.max_rerank))
+    # On the loopback address, answer only to this machine's names; on another address, to any name.
+    allowed_hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None
+    app = create_app(searcher, limits=SearchLimits(args.max_top_k, args.max_rerank), allowed_hosts=allowed_hosts)
     uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
     return 0
 
