@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,13 +319,17 @@ def test_no_request_path_reaches_the_file_system(client, searcher, monkeypatch):
 
 
 def test_msa_serve_listens_on_localhost_by_default(searcher, monkeypatch):
-    import uvicorn
-
+    defaults = serve.build_parser().parse_args(["--index", "unused"])
+    assert defaults.host == "127.0.0.1" and defaults.port == 8000
     served = {}
     monkeypatch.setattr(serve, "_open_searcher", lambda args: searcher)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
-    assert serve.main(["--index", "unused"]) == 0
-    assert served["host"] == "127.0.0.1" and served["port"] == 8000
+
+    def fake_serve(app, listener, host, debug):
+        served.update(app=app, listener=listener, address=listener.getsockname()[0])
+
+    monkeypatch.setattr(serve, "_serve", fake_serve)
+    assert serve.main(["--index", "unused", "--port", "0"]) == 0
+    assert served["address"] == "127.0.0.1" and served["listener"].fileno() == -1  # closed after serving
     local = TestClient(served["app"], base_url="http://127.0.0.1:8000")
     assert local.get("/healthz").json()["num_images"] == searcher.num_images
     assert local.get("/healthz", headers={"host": "localhost:8000"}).status_code == 200
@@ -332,9 +337,22 @@ def test_msa_serve_listens_on_localhost_by_default(searcher, monkeypatch):
     rebound = local.get("/api/search?q=a+port", headers={"host": "attacker.example:8000"})
     assert rebound.status_code == 400 and "attacker.example" in rebound.json()["error"]
     assert searches(searcher) == []
-    assert serve.main(["--index", "unused", "--host", "0.0.0.0", "--port", "8123"]) == 0
-    assert served["host"] == "0.0.0.0" and served["port"] == 8123
+    assert serve.main(["--index", "unused", "--host", "0.0.0.0", "--port", "0"]) == 0
+    assert served["address"] == "0.0.0.0"
     assert TestClient(served["app"], base_url="http://scenes.example").get("/healthz").status_code == 200
+
+
+def test_msa_serve_refuses_a_port_in_use_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(serve, "_open_searcher", lambda args: pytest.fail("must not open the index"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve.main(["--index", "unused", "--port", str(port)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert (
+        error.startswith(f"msa-serve: error: --host/--port: cannot listen on 127.0.0.1:{port}: ") and "\n" not in error
+    )
 
 
 @pytest.mark.parametrize(

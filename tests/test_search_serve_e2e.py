@@ -82,14 +82,14 @@ def msa_serve(*flags: str) -> Iterator[str]:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment)
     log: list[str] = []
-    # uvicorn names the port it got (--port 0: a free one) in its start-up line, on stderr.
+    # msa-serve names the port it got (--port 0: a free one) in its start-up line, on stderr.
     reader = threading.Thread(target=lambda: log.extend(iter(process.stderr.readline, "")), daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         url = None
         while url is None and time.monotonic() < deadline and process.poll() is None:
-            found = re.search(r"running on (http://127\.0\.0\.1:\d+)", "".join(log))
+            found = re.search(r"search page on (http://127\.0\.0\.1:\d+)/", "".join(log))
             url = found.group(1) if found else None
             time.sleep(0.1)
         assert url is not None, f"msa-serve did not start (exit {process.poll()}):\n{''.join(log)}"
@@ -159,9 +159,7 @@ def test_msa_serve_on_a_real_index(archive, served):
 
 
 def test_msa_serve_refuses_a_missing_foreign_or_mismatched_index(archive, tmp_path, monkeypatch, capsys):
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("must not serve"))
+    monkeypatch.setattr(serve, "_serve", lambda *args: pytest.fail("must not serve"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not an index")
@@ -169,12 +167,15 @@ def test_msa_serve_refuses_a_missing_foreign_or_mismatched_index(archive, tmp_pa
         (["--index", str(tmp_path / "missing")], "missing"),
         (["--index", str(foreign)], "foreign"),
         (["--index", str(archive["index"]), "--model", "msa-tiny-proj"], "another model"),
+        (["--index", str(archive["index"]), "--model", str(tmp_path / "no-such-model")], "no model"),
     ]
     for flags, case in cases:
-        assert serve.main(flags) == 2, case
+        assert serve.main([*flags, "--port", "0"]) == 2, case
         error = capsys.readouterr().err
         lines = error.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"msa-serve: error: --index {flags[1]}: "), (case, error)
+        named = "--model" if case == "no model" else "--index"
+        flag = flags[flags.index(named) + 1]
+        assert len(lines) == 1 and lines[0].startswith(f"msa-serve: error: {named} {flag}: "), (case, error)
 
 
 @needs_chromium

@@ -22,6 +22,7 @@ import io
 import logging
 import math
 import re
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -353,33 +354,64 @@ def _open_searcher(args: argparse.Namespace) -> SearcherLike:
     return Searcher(args.index, model=args.model, device=args.device)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one), so that a port in use is reported before anything is
+    loaded, as a user's error rather than a server crash."""
+    family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        # Listening now: a browser that connects while the model loads waits in the backlog instead of being refused.
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _serve(app: FastAPI, listener: socket.socket, host: str, debug: bool) -> None:
+    import uvicorn
+
+    port = listener.getsockname()[1]
+    # uvicorn does not announce the address of a socket it is given: say where the page is.
+    logger.info("msa-serve: search page on http://%s:%d/", f"[{host}]" if ":" in host else host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level="debug" if debug else "info")
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _usage_error(message: str) -> int:
+    print("msa-serve: error: " + message.replace("\n", " "), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(message)s")
     if not 0 <= args.port <= 65535:
-        print(f"msa-serve: error: --port must be from 0 to 65535, got {args.port}", file=sys.stderr)
-        return 2
+        return _usage_error(f"--port must be from 0 to 65535, got {args.port}")
     if args.max_top_k < 1:
-        print(f"msa-serve: error: --max-top-k must be at least 1, got {args.max_top_k}", file=sys.stderr)
-        return 2
+        return _usage_error(f"--max-top-k must be at least 1, got {args.max_top_k}")
     if args.max_rerank < 0:
-        print(f"msa-serve: error: --max-rerank must be at least 0, got {args.max_rerank}", file=sys.stderr)
-        return 2
+        return _usage_error(f"--max-rerank must be at least 0, got {args.max_rerank}")
     try:
-        searcher = _open_searcher(args)
-    except (SearchIndexError, ValueError, OSError) as error:
-        if args.debug:
-            raise
-        print(f"msa-serve: error: --index {args.index}: {error}", file=sys.stderr)
-        return 2
-    import uvicorn
-
-    if args.host not in LOOPBACK_NAMES:
-        logger.warning("listening on %s: anyone who can reach this address can search and see the images", args.host)
-    # On the loopback address, answer only to this machine's names; on another address, to any name.
-    allowed_hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None
-    app = create_app(searcher, limits=SearchLimits(args.max_top_k, args.max_rerank), allowed_hosts=allowed_hosts)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
+        listener = _listen(args.host, args.port)
+    except OSError as error:
+        return _usage_error(f"--host/--port: cannot listen on {args.host}:{args.port}: {error.strerror or error}")
+    with listener:
+        try:
+            searcher = _open_searcher(args)
+        except (SearchIndexError, ValueError, OSError) as error:
+            if args.debug:
+                raise
+            message = str(error)  # the model loader names its flag itself
+            return _usage_error(message if message.startswith("--") else f"--index {args.index}: {message}")
+        if args.host not in LOOPBACK_NAMES:
+            logger.warning("listening on %s: anyone who can reach it can search and see the images", args.host)
+        # On the loopback address, answer only to this machine's names; on another address, to any name.
+        allowed_hosts = LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None
+        app = create_app(searcher, limits=SearchLimits(args.max_top_k, args.max_rerank), allowed_hosts=allowed_hosts)
+        _serve(app, listener, args.host, args.debug)
     return 0
 
 
