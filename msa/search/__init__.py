@@ -11,16 +11,29 @@ Example::
         print(hit.path, hit.score, hit.scale_scores)
 """
 
-from msa.search.index import IndexReport, build_index, update_index
-from msa.search.query import Hit, Searcher
-from msa.search.storage import (
-    IndexCorruptError,
-    IndexFormatError,
-    IndexLockedError,
-    IndexMissingError,
-    ModelMismatchError,
-    SearchIndexError,
-)
+import importlib
+from typing import Any
+
+# Lazy, so that `python -m msa.search.index` (and torchrun) do not import the module twice.
+_EXPORTS = {
+    "Hit": "msa.search.query",
+    "Searcher": "msa.search.query",
+    "IndexReport": "msa.search.index",
+    "IndexOptions": "msa.search.index",
+    "build_index": "msa.search.index",
+    "update_index": "msa.search.index",
+    **{
+        name: "msa.search.storage"
+        for name in (
+            "IndexCorruptError",
+            "IndexFormatError",
+            "IndexLockedError",
+            "IndexMissingError",
+            "ModelMismatchError",
+            "SearchIndexError",
+        )
+    },
+}
 
 __all__ = [
     "Hit",
@@ -28,6 +41,7 @@ __all__ = [
     "IndexFormatError",
     "IndexLockedError",
     "IndexMissingError",
+    "IndexOptions",
     "IndexReport",
     "ModelMismatchError",
     "SearchIndexError",
@@ -35,3 +49,9 @@ __all__ = [
     "build_index",
     "update_index",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'msa.search' has no attribute {name!r}")

@@ -228,7 +228,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def new_generation(directory: Path) -> Path:
-    """Create the folder of the next generation (numbers only grow, so a crashed run's folder is never reused)."""
+    """Create the folder of the next generation. Call after :func:`remove_stale_generations`: the only folder left is
+    the current one, which the new number never reuses."""
     numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _GENERATION.match(p.name))]
     path = directory / f"gen-{max(numbers, default=0) + 1:06d}"
     path.mkdir()
