@@ -113,7 +113,13 @@ def searches(searcher: DoubleSearcher) -> list[tuple]:
 def test_healthz_reports_the_index(client, searcher):
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "num_images": searcher.num_images, "num_scales": 4}
+    assert response.json() == {
+        "status": "ok",
+        "num_images": searcher.num_images,
+        "num_scales": 4,
+        "max_top_k": serve.MAX_TOP_K,
+        "max_rerank": serve.MAX_RERANK,
+    }
 
 
 def test_page_and_its_files_load_nothing_from_elsewhere(client):
@@ -186,6 +192,7 @@ def test_bad_search_requests_get_a_400_naming_the_parameter(client, searcher, pa
 
 def test_limits_are_configurable(searcher):
     with TestClient(create_app(searcher, limits=SearchLimits(max_top_k=5, max_rerank=20))) as limited:
+        assert limited.get("/healthz").json()["max_top_k"] == 5 and limited.get("/healthz").json()["max_rerank"] == 20
         assert limited.get("/api/search", params={"q": "a port", "k": 6}).status_code == 400
         assert limited.get("/api/search", params={"q": "a port", "rerank": 21}).status_code == 400
         assert limited.get("/api/search", params={"q": "a port", "k": 5, "rerank": 20}).status_code == 200

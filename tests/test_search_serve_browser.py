@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from test_search_serve import DoubleSearcher, write_test_images
 
-from msa.search.serve import create_app
+from msa.search.serve import SearchLimits, create_app
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 CHROMEDRIVER_NAMES = ("chromedriver",)
@@ -135,7 +135,8 @@ def test_search_page_in_headless_chromium(tmp_path: Path):
     paths[0] = "<em>bold<em>.jpg"
     searcher = DoubleSearcher(root, paths)
 
-    with running_server(create_app(searcher)) as base_url, headless_chromium(tmp_path / "profile") as driver:
+    app = create_app(searcher, limits=SearchLimits(max_top_k=40, max_rerank=400))
+    with running_server(app) as base_url, headless_chromium(tmp_path / "profile") as driver:
         search_in_page(driver, base_url, "many planes parked near a terminal", top_k=6, rerank=50)
         assert wait_for_results(driver) == "ready"
         cards = driver.find_elements(By.CSS_SELECTOR, "#results li.hit")
@@ -172,10 +173,16 @@ def test_search_page_in_headless_chromium(tmp_path: Path):
         driver.save_screenshot(str(tmp_path / "search_page.png"))
         assert (tmp_path / "search_page.png").stat().st_size > 10_000
 
+        # The inputs take the server's limits.
+        limits = ("top-k", "40"), ("rerank", "400")
+        WebDriverWait(driver, 10).until(
+            lambda d: all(d.find_element(By.ID, name).get_attribute("max") == value for name, value in limits)
+        )
+
         # A bad request shows the server's message instead of a grid; the address of a search reruns it.
         driver.get(base_url + "/?q=farmland&k=500&rerank=0")
         assert wait_for_results(driver) == "error"
-        assert driver.find_element(By.ID, "status").text.startswith("k must be an integer from 1 to 100")
+        assert driver.find_element(By.ID, "status").text.startswith("k must be an integer from 1 to 40")
         assert driver.find_elements(By.CSS_SELECTOR, "#results li") == []
         driver.get(base_url + "/?q=farmland&k=3&rerank=0")
         assert wait_for_results(driver) == "ready"

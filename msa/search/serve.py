@@ -6,7 +6,7 @@
   per-scale score bars on hover or click); its HTML, JS and CSS ship with the package and load nothing else;
 - ``GET /api/search?q=TEXT&k=10&rerank=100``: the same search as JSON;
 - ``GET /thumbnail/ROW``: a JPEG thumbnail of the indexed image of that row (only rows of the index);
-- ``/healthz``: liveness and the index's counts.
+- ``/healthz``: liveness, the index's counts and the request limits.
 
 The server binds to 127.0.0.1 unless told otherwise: the page has no authentication, and anyone who can reach it can
 see every indexed image.
@@ -253,7 +253,13 @@ def _add_page_routes(app: FastAPI) -> None:
 def _add_search_routes(app: FastAPI, searcher: SearcherLike, limits: SearchLimits, pools: _Pools) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "num_images": int(searcher.num_images), "num_scales": int(searcher.num_scales)}
+        return {
+            "status": "ok",
+            "num_images": int(searcher.num_images),
+            "num_scales": int(searcher.num_scales),
+            "max_top_k": limits.max_top_k,
+            "max_rerank": limits.max_rerank,
+        }
 
     @app.get("/api/search")
     async def api_search(request: Request) -> dict[str, Any]:

@@ -122,12 +122,15 @@ form.addEventListener("submit", (event) => {
   search(queryInput.value.trim(), topKInput.value, rerankInput.value);
 });
 
+// The index's size, and the server's limits on k and re-rank as the bounds of their inputs.
 async function showIndexInfo() {
   try {
     const response = await fetch("/healthz");
     const body = await response.json();
     document.getElementById("index-info").textContent =
       `${body.num_images} images indexed, ${body.num_scales} scales`;
+    topKInput.max = String(body.max_top_k);
+    rerankInput.max = String(body.max_rerank);
   } catch (error) {
     document.getElementById("index-info").textContent = "";
   }
