@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from msa.evaluation import SCORING_MODES, evaluate_model, metrics_table
+from msa.evaluation import RERANK_MODE, SCORING_MODES, evaluate_model, metrics_table
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--val-seed", type=int, default=0, help="seed of the val carve-out (as in training)")
     add("--skip-bad", action="store_true", help="skip and count empty captions and unreadable images")
     add("--modes", nargs="+", choices=SCORING_MODES, default=list(SCORING_MODES), help="scoring modes")
+    add("--rerank", type=int, nargs="+", metavar="R", help="also re-rank: global top-R, then MSCMAT (R = 10 50 100 ..)")
     add("--fusion-weight", type=float, default=1.0, help="fusion = global + weight x mscmat")
     add("--batch-size", type=int, default=128, help="encoder batch size")
     add("--chunk-size", type=int, default=1024, help="images/texts per block of the MSCMAT scoring")
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from msa.train import PRECISIONS
 
     args = build_parser().parse_args(argv)
+    if args.rerank and min(args.rerank) < 1:
+        print(f"msa-eval: --rerank depths must be positive, got {args.rerank}", file=sys.stderr)
+        return 2
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate_model(
         model,
         split,
-        modes=args.modes,
+        modes=[*args.modes, RERANK_MODE] if args.rerank else args.modes,
+        rerank_depths=args.rerank or (),
         fusion_weight=args.fusion_weight,
         device=device,
         batch_size=args.batch_size,
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if split.skipped:
         print(f"skipped: {split.skipped}")
     print(metrics_table(metrics))
+    print("scoring seconds: " + ", ".join(f"{k} {v['seconds']:.3f}" for k, v in metrics.items() if "seconds" in v))
     if args.output_json:
         record = {
             "checkpoint": str(checkpoint),

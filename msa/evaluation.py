@@ -147,6 +147,8 @@ def metrics_table(rows: dict[str, dict[str, float]], title: str = "scoring") -> 
 
 # ------------------------------------------------------------------------------------------ evaluating a model
 SCORING_MODES = ("global", "mscmat", "fusion", "scales")
+# Global top-R candidates re-scored by MSCMAT (msa.search.rerank), at each R of `rerank_depths`; asked for explicitly.
+RERANK_MODE = "rerank"
 
 
 def _concat_features(parts: list[Any]) -> Any:
@@ -273,15 +275,19 @@ def evaluate_model(
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable | None = None,
+    rerank_depths: Sequence[int] = (10, 50, 100),
 ) -> dict[str, dict[str, float]]:
     """Encode a split and compute :func:`retrieval_metrics` for every scoring mode: ``{mode: metrics}``.
+
+    Mode ``rerank`` (:data:`RERANK_MODE`) adds one row ``rerank_R`` per depth R of ``rerank_depths``, with
+    ``seconds`` (its scoring time after encoding).
 
     ``chunk_size`` is the image/text block of the MSCMAT scoring (``model.mscmat_similarity``); the metrics use
     their own default block.
     """
-    unknown = set(modes) - set(SCORING_MODES)
+    unknown = set(modes) - set(SCORING_MODES) - {RERANK_MODE}
     if unknown:
-        raise ValueError(f"unknown scoring mode(s) {sorted(unknown)}; choose from {SCORING_MODES}")
+        raise ValueError(f"unknown scoring mode(s) {sorted(unknown)}; choose from {(*SCORING_MODES, RERANK_MODE)}")
     image_features, text_features = encode_split(
         model, split, device, batch_size, num_workers, autocast_dtype, progress
     )
@@ -293,6 +299,10 @@ def evaluate_model(
         global_scores = model.similarity(image_features, text_features).float()
         if "global" in modes:
             results["global"] = retrieval_metrics(global_scores, owner)
+    if RERANK_MODE in modes:
+        from msa.search.rerank import rerank_metrics
+
+        results.update(rerank_metrics(model, image_features, text_features, owner, rerank_depths))
     if not {"mscmat", "fusion", "scales"} & set(modes):
         return results
     mscmat_scores = None
@@ -305,5 +315,6 @@ def evaluate_model(
         results["mscmat"] = retrieval_metrics(mscmat_scores, owner)
     if "fusion" in modes:
         results["fusion"] = retrieval_metrics(global_scores + fusion_weight * mscmat_scores, owner)
-    order = ["global", "mscmat", "fusion"] + [name for name in results if name.startswith("mscmat_s")]
+    order = ["global", *[name for name in results if name.startswith("rerank_")], "mscmat", "fusion"]
+    order += [name for name in results if name.startswith("mscmat_s")]
     return {name: results[name] for name in order if name in results}

@@ -86,7 +86,6 @@ def rerank_metrics(
     text_features: Any,
     text_to_image: Sequence[int] | torch.Tensor,
     depths: Sequence[int] = (10, 50, 100),
-    global_scores: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """Retrieval metrics of re-ranking at each depth R: ``{"rerank_R": metrics}``, with ``seconds`` (the global
     scores, the candidates and their MSCMAT scores, not the encoders).
@@ -98,9 +97,7 @@ def rerank_metrics(
     results = {}
     for depth in depths:
         start = time.perf_counter()
-        scores = global_scores
-        if scores is None:
-            scores = model.similarity(image_features, text_features).float()
+        scores = model.similarity(image_features, text_features).float()
         t2i, i2t = rerank_similarities(model, image_features, text_features, depth, scores)
         seconds = time.perf_counter() - start
         by_text = retrieval_metrics(t2i, text_to_image)

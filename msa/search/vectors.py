@@ -65,8 +65,10 @@ def train_vector_index(
     parameters: dict[str, Any] = {"kind": kind, "nlist": nlist, "nprobe": DEFAULT_NPROBE}
     if kind == "ivfpq":
         pq_subquantizers = pq_subquantizers or default_pq_subquantizers(dim)
-        description = f"IVF{nlist},PQ{pq_subquantizers}"
-        parameters.update(pq_subquantizers=pq_subquantizers, refine=DEFAULT_REFINE)
+        # 256 centroids per sub-quantizer need at least 256 training points; tiny archives get fewer.
+        bits = max(1, min(8, int(np.log2(num))))
+        description = f"IVF{nlist},PQ{pq_subquantizers}x{bits}"
+        parameters.update(pq_subquantizers=pq_subquantizers, pq_bits=bits, refine=DEFAULT_REFINE)
     index = faiss.index_factory(dim, description, faiss.METRIC_INNER_PRODUCT)
     sample = min(num, max(nlist * _TRAIN_POINTS_PER_LIST, 256 * 39 if kind == "ivfpq" else 0))
     rows = np.sort(np.random.default_rng(seed).choice(num, size=sample, replace=False))
