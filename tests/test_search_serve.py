@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from msa.data import load_image
 from msa.search import IndexCorruptError, serve
 from msa.search.serve import SearchLimits, create_app
 
@@ -45,7 +46,9 @@ def write_test_images(folder: Path) -> list[str]:
         image.save(path)
         relative.append(name)
     Image.new("L", (100, 100), 90).save(folder / "gray.png")
-    Image.fromarray(np.full((64, 96), 40000, dtype=np.uint16)).save(folder / "deep.tif")
+    # A 16-bit scene using a small part of its range, as RS sensors write them: 1000 .. 3000 left to right.
+    ramp = np.linspace(1000, 3000, 96).round().astype(np.uint16)
+    Image.fromarray(np.tile(ramp, (64, 1))).save(folder / "deep.tif")
     return [*relative, "gray.png", "deep.tif"]
 
 
@@ -251,11 +254,19 @@ def test_thumbnails_of_every_indexed_kind(client, searcher):
         assert response.headers["content-type"] == "image/jpeg"
         thumbnail = Image.open(io.BytesIO(response.content))
         assert thumbnail.mode == "RGB" and max(thumbnail.size) <= serve.THUMBNAIL_SIZE
-        with Image.open(searcher.root / relative) as source:
-            expected = np.asarray(source.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(0)
+        expected = np.asarray(load_image(searcher.root / relative), dtype=np.float32).reshape(-1, 3).mean(0)
         assert np.abs(np.asarray(thumbnail, dtype=np.float32).reshape(-1, 3).mean(0) - expected).max() < 8, relative
     large = Image.open(io.BytesIO(client.get("/thumbnail/4").content))
     assert large.size == (256, 192)  # 2000 x 1500 fitted into 256 x 256, aspect kept
+
+
+def test_thumbnail_of_a_16_bit_scene_is_stretched_by_its_range(client, searcher):
+    """PIL's convert("RGB") saturates 16-bit values to white; the thumbnail shows the scene's own range."""
+    response = client.get(f"/thumbnail/{searcher.paths.index('deep.tif')}")
+    pixels = np.asarray(Image.open(io.BytesIO(response.content)).convert("L"), dtype=np.float32)
+    columns = pixels.mean(0)
+    assert columns[:4].mean() < 30 and columns[-4:].mean() > 225  # dark on the left, bright on the right
+    assert 100 < pixels.mean() < 155
 
 
 def test_thumbnail_of_a_row_not_in_the_index_is_a_json_404(client, searcher):

@@ -146,20 +146,17 @@ def parse_search_params(params: dict[str, str], limits: SearchLimits) -> tuple[s
 
 
 def make_thumbnail(path: Any, size: int = THUMBNAIL_SIZE) -> bytes:
-    """A JPEG of the image at ``path`` fitting in ``size`` x ``size``, decoded as training decodes it (to RGB).
+    """A JPEG of the image at ``path`` fitting in ``size`` x ``size``, decoded as training decodes it
+    (``msa.data.load_image``: 8-bit RGB, high-bit-depth images stretched by their range, huge scenes reduced).
 
     Raises:
-        OSError: the file is missing or not a readable image.
-        ValueError: the image is too large for PIL's decompression-bomb limit.
+        OSError: the file is missing or not a readable image (``msa.data.ImageLoadError``).
     """
     from PIL import Image
 
-    from msa.data.datasets import load_image
+    from msa.data import load_image
 
-    try:
-        image = load_image(path)
-    except Image.DecompressionBombError as error:
-        raise ValueError(str(error)) from None
+    image = load_image(path)
     image.thumbnail((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
