@@ -118,6 +118,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         split,
         modes=[*args.modes, RERANK_MODE] if args.rerank else args.modes,
         rerank_depths=args.rerank or (),
+        timed=True,
         fusion_weight=args.fusion_weight,
         device=device,
         batch_size=args.batch_size,

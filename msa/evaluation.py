@@ -21,6 +21,7 @@ memory is O(chunk_size * N_txt) whatever the matrix size (RSICD 1093 x 5465, NWP
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -256,11 +257,15 @@ def evaluate_model(
     autocast_dtype: torch.dtype | None = None,
     progress: Callable | None = None,
     rerank_depths: Sequence[int] = (10, 50, 100),
+    timed: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Encode a split and compute :func:`retrieval_metrics` for every scoring mode: ``{mode: metrics}``.
 
     Mode ``rerank`` (:data:`RERANK_MODE`) adds one row ``rerank_R`` per depth R of ``rerank_depths``, with
-    ``seconds`` (its scoring time after encoding).
+    ``seconds``: its scoring time after encoding (global top-R, then MSCMAT on those). With ``timed``, the
+    ``global`` and ``mscmat`` rows carry ``seconds`` too (the cosine matrix; every scale's full MSCMAT matrix), so
+    that the three can be compared; without it their rows are the metrics alone (deterministic, as training's logs
+    and resume checks want).
 
     ``chunk_size`` is the image/text block of the MSCMAT scoring (``model.mscmat_similarity``); the metrics use
     their own default block.
@@ -276,9 +281,12 @@ def evaluate_model(
     # One mode at a time, so that at most three N_img x N_txt matrices live at once (NWPU test: 198 MB each).
     global_scores = None
     if "global" in modes or "fusion" in modes:
+        started = time.perf_counter()
         global_scores = model.similarity(image_features, text_features).float()
         if "global" in modes:
             results["global"] = retrieval_metrics(global_scores, owner)
+            if timed:
+                results["global"]["seconds"] = time.perf_counter() - started
     if RERANK_MODE in modes:
         from msa.search.rerank import rerank_metrics
 
@@ -286,6 +294,7 @@ def evaluate_model(
     if not {"mscmat", "fusion", "scales"} & set(modes):
         return results
     mscmat_scores = None
+    started = time.perf_counter()  # the mscmat row's time includes every scale's scores (and any per-scale metrics)
     for scale in range(len(image_features.scale_features)):
         scores = model.mscmat_similarity(image_features, text_features, scale=scale, chunk_size=chunk_size).float()
         if "scales" in modes:
@@ -293,6 +302,8 @@ def evaluate_model(
         mscmat_scores = scores if mscmat_scores is None else mscmat_scores.add_(scores)
     if "mscmat" in modes:
         results["mscmat"] = retrieval_metrics(mscmat_scores, owner)
+        if timed:
+            results["mscmat"]["seconds"] = time.perf_counter() - started
     if "fusion" in modes:
         results["fusion"] = retrieval_metrics(global_scores + fusion_weight * mscmat_scores, owner)
     order = ["global", *[name for name in results if name.startswith("rerank_")], "mscmat", "fusion"]

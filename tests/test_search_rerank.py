@@ -66,6 +66,8 @@ def test_rerank_mode_in_evaluate_model(model, tmp_path: Path):
     for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mR"):
         assert results["rerank_12"][key] == pytest.approx(results["mscmat"][key]), key
     assert results["rerank_2"]["seconds"] > 0 and "seconds" not in results["global"]
+    timed = evaluate_model(model, split, modes=["global", "rerank", "mscmat"], rerank_depths=(2,), timed=True)
+    assert list(timed) == ["global", "rerank_2", "mscmat"] and all(row["seconds"] > 0 for row in timed.values())
     with pytest.raises(ValueError, match="rerank"):
         evaluate_model(model, split, modes=["bm25"])
     assert set(retrieval_metrics(torch.eye(6, 12), owner)) <= set(results["rerank_2"]) | {"seconds"}
