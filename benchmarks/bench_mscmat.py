@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
 
     def save() -> str:
-        # Rewritten after every case, so that a run cut short (a time limit on a lent GPU) keeps what it measured.
+        # Rewritten after every case, so that a run cut short (a time limit on a GPU machine) keeps what it measured.
         table = markdown(rows, rate, str(rate_dtype).replace("torch.", ""), env)
         stem.with_suffix(".md").write_text(table + "\n")
         record = {"matmul_rate_flops": rate, "matmul_dtype": str(rate_dtype), "environment": env}

@@ -40,8 +40,8 @@ def _text_head_out(
     products: no reshape, no layout change."""
     if ONE_CHUNK:
         in_bounds, valid = chunk_rows(Mask_text + offs_l * stride_ml, text_ok, offs_l, L, HAS_MASK)
-        k = load_rows(K_text + word_tile, in_bounds, d_ok)
-        v = load_rows(V_text + word_tile, in_bounds, d_ok)
+        k = load_rows(K_text + word_tile, valid, d_ok)
+        v = load_rows(V_text + word_tile, valid, d_ok)
         s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
         r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
         m = tl.max(s, axis=1)
@@ -56,8 +56,8 @@ def _text_head_out(
         for w0 in range(0, L, BLOCK_L):
             words = w0 + offs_l
             in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, text_ok, words, L, HAS_MASK)
-            k = load_rows(K_text + w0 * stride_kl + word_tile, in_bounds, d_ok)
-            v = load_rows(V_text + w0 * stride_kl + word_tile, in_bounds, d_ok)
+            k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
+            v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
             s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
             r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -145,8 +145,8 @@ def _text_stats(
     for w0 in range(0, L, BLOCK_L):
         words = w0 + offs_l
         in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, True, words, L, HAS_MASK)
-        k = load_rows(K_text + w0 * stride_kl + word_tile, in_bounds, d_ok)
-        v = load_rows(V_text + w0 * stride_kl + word_tile, in_bounds, d_ok)
+        k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
+        v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
         s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
         r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -209,8 +209,8 @@ def mscmat_scores_bwd_images_kernel(
         g = tl.load(G_text + rows_i, mask=rows_ok, other=0.0).to(tl.float32)
         if ONE_CHUNK:
             in_bounds, valid = chunk_rows(Mask_text + offs_l * stride_ml, True, offs_l, L, HAS_MASK)
-            k = load_rows(K_text + word_tile, in_bounds, d_ok)
-            v = load_rows(V_text + word_tile, in_bounds, d_ok)
+            k = load_rows(K_text + word_tile, valid, d_ok)
+            v = load_rows(V_text + word_tile, valid, d_ok)
             s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
             r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
             m = tl.max(s, axis=1)
@@ -228,8 +228,8 @@ def mscmat_scores_bwd_images_kernel(
             for w0 in range(0, L, BLOCK_L):
                 words = w0 + offs_l
                 in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, True, words, L, HAS_MASK)
-                k = load_rows(K_text + w0 * stride_kl + word_tile, in_bounds, d_ok)
-                v = load_rows(V_text + w0 * stride_kl + word_tile, in_bounds, d_ok)
+                k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
+                v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
                 s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
                 r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
                 e = tl.exp2(s * scale_log2 - m_scaled[:, None])
@@ -275,8 +275,8 @@ def mscmat_scores_bwd_words_kernel(
     Mask_text = Mask + text * stride_mt
     words = w0 + offs_l
     in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, True, words, L, HAS_MASK)
-    k = load_rows(K_text + w0 * stride_kl + word_tile, in_bounds, d_ok)
-    v = load_rows(V_text + w0 * stride_kl + word_tile, in_bounds, d_ok)
+    k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
+    v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
     Q_tile = Q + h * stride_qh
     U_tile = U + h * stride_qh
     G_tile = GradT + text * stride_gt

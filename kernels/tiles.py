@@ -35,9 +35,10 @@ def chunk_rows(mask_ptrs, text_ok, word_ids, L, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def load_rows(ptrs, in_bounds, d_ok):
-    """A [BLOCK_L, BLOCK_D] tile of word rows (zeros past the text's words and past Dh)."""
-    return tl.load(ptrs, mask=in_bounds[:, None] & d_ok[None, :], other=0.0)
+def load_rows(ptrs, valid, d_ok):
+    """A [BLOCK_L, BLOCK_D] tile of word rows: zeros for masked words, past the text's words and past Dh. Masked
+    words are never read, so whatever they hold (NaN, inf) cannot reach a score or a gradient."""
+    return tl.load(ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic_data import SyntheticDataset, write_synthetic_dataset
 
 # ---- mscmat_scores: inputs and the low-precision error rule ----------------------------------------------------
 
@@ -67,6 +66,17 @@ def check_close(got: torch.Tensor, low_precision: torch.Tensor, want: torch.Tens
     )
 
 
+def poison_masked_words(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    """k and v with NaN, +inf and -inf written at every masked word: the scores and gradients of every backend must
+    not change (a masked word contributes nothing, whatever it holds)."""
+    poisoned_k, poisoned_v = k.detach().clone(), v.detach().clone()
+    masked = ~mask
+    poisoned_k[masked] = float("nan")
+    poisoned_v[masked] = float("inf")
+    poisoned_v[masked.nonzero()[::2].unbind(1)] = float("-inf")
+    poisoned_v[masked.nonzero()[1::3].unbind(1)] = float("nan")
+    return poisoned_k.requires_grad_(k.requires_grad), poisoned_v.requires_grad_(v.requires_grad)
+
 # --- Synthetic datasets (see tests/synthetic_data.py) ---------------------------------------------------------------
 
 
@@ -78,7 +88,11 @@ def synthetic_dataset(tmp_path_factory):
     The files are shared by every test asking for the same arguments: read them, never modify them (copy the folder
     with ``shutil.copytree`` first, or call ``synthetic_data.write_synthetic_dataset`` into ``tmp_path``).
     """
-    cache: dict[tuple, SyntheticDataset] = {}
+    # Imported here, not at the top: the op helpers above are also imported by scripts that have no PIL
+    # (benchmarks/kernel_report.py lists the GPU tests' launches on a bare machine).
+    from synthetic_data import write_synthetic_dataset
+
+    cache: dict[tuple, object] = {}
 
     def make(layout: str = "karpathy", num_images: int = 10, captions_per_image: int = 5, seed: int = 0):
         key = (layout, num_images, captions_per_image, seed)

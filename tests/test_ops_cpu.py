@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_op_inputs
+from conftest import make_op_inputs, poison_masked_words
 
 from msa.ops import (
     available_backends,
@@ -210,21 +210,10 @@ def test_environment_overrides_auto(monkeypatch):
     assert resolve_backend("auto", "cpu") == "cpu"
 
 
-def _poison_masked_words(k, v, mask):
-    """k and v with NaN, +inf and -inf written at every masked word."""
-    poisoned_k, poisoned_v = k.detach().clone(), v.detach().clone()
-    masked = ~mask
-    poisoned_k[masked] = float("nan")
-    poisoned_v[masked] = float("inf")
-    poisoned_v[masked.nonzero()[::2].unbind(1)] = float("-inf")
-    poisoned_v[masked.nonzero()[1::3].unbind(1)] = float("nan")
-    return poisoned_k.requires_grad_(k.requires_grad), poisoned_v.requires_grad_(v.requires_grad)
-
-
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_masked_words_contribute_nothing_whatever_their_values(backend):
     q, u, k, v, mask = make_op_inputs(6, 7, 9, 3, 8, dtype=torch.float64, requires_grad=True)
-    bad_k, bad_v = _poison_masked_words(k, v, mask)
+    bad_k, bad_v = poison_masked_words(k, v, mask)
     grad_out = torch.randn(6, 7, dtype=torch.float64)
     clean = mscmat_scores(q, u, k, v, mask, backend=backend)
     poisoned = mscmat_scores(q, u, bad_k, bad_v, mask, backend=backend)
@@ -243,7 +232,7 @@ def test_fully_masked_text_scores_zero_even_for_non_finite_images(backend):
     assert not mask[0].any()
     q, u = q.detach().clone(), u.detach().clone()
     q[1], u[2] = float("nan"), float("inf")
-    k, v = _poison_masked_words(k, v, mask)
+    k, v = poison_masked_words(k, v, mask)
     q, u, k, v = (t.requires_grad_() for t in (q, u, k, v))
     scores = mscmat_scores(q, u, k, v, mask, backend=backend)
     assert torch.all(scores[:, 0] == 0), scores[:, 0]

@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from conftest import check_close, make_op_inputs, poison_masked_words
 
 from msa.ops import backend_available, mscmat_scores, mscmat_scores_ref
 
@@ -49,33 +50,8 @@ def require(backend: str) -> None:
 
 
 def make_inputs(ni, nt, length, heads, head_dim, mask_kind, dtype, seed=0, device="cuda"):
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype).requires_grad_(True)
-
-    q, u = randn(ni, heads, head_dim), randn(ni, heads, head_dim)
-    k, v = randn(nt, length, heads, head_dim), randn(nt, length, heads, head_dim)
-    mask = None
-    if mask_kind is not None:
-        mask = torch.rand(nt, length, generator=generator) > 0.3
-        mask[:, 0] = True
-        if mask_kind == "masked-texts":
-            mask[:: max(1, nt // 3)] = False  # texts without a single real word score 0
-        mask = mask.to(device)
-    return q, u, k, v, mask
-
-
-def check_close(got, low_precision, want, name, dtype):
-    """Flash-attention rule against the float32 (here float64) reference, plus a floor scaled to the values."""
-    want = want.double()
-    kernel_error = (got.double() - want).abs().max().item()
-    reference_error = (low_precision.double() - want).abs().max().item()
-    magnitude = max(1.0, want.abs().max().item())
-    floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * magnitude
-    assert kernel_error <= 2 * reference_error + floor, (
-        f"{name}: kernel error {kernel_error:.3e} > 2 x reference error {reference_error:.3e} + {floor:.1e}"
-    )
+    return make_op_inputs(ni, nt, length, heads, head_dim, mask_kind=mask_kind, dtype=dtype, seed=seed,
+                          requires_grad=True, device=device)  # fmt: skip
 
 
 def run_and_compare(backend, ni, nt, length, heads, head_dim, mask_kind, dtype, backward=True):
@@ -87,7 +63,7 @@ def run_and_compare(backend, ni, nt, length, heads, head_dim, mask_kind, dtype, 
     exact = mscmat_scores_ref(*exact_inputs, mask)
     check_close(scores, low, exact, "scores", dtype)
     if mask_kind == "masked-texts":
-        assert torch.all(scores[:, :: max(1, nt // 3)] == 0)
+        assert torch.all(scores[:, ::3] == 0)  # texts 0, 3, 6, ... have no real word
     if not backward:
         return
     grad_scores = torch.randn(ni, nt, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
@@ -194,6 +170,23 @@ def test_opcheck_triton_kernels():
     require("triton")
     q, u, k, v, mask = make_inputs(9, 6, 7, 2, 32, "random", torch.bfloat16)
     torch.library.opcheck(torch.ops.msa.mscmat_scores_triton.default, (q, u, k, v, mask, 0.2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_words_contribute_nothing_whatever_their_values(backend):
+    """NaN and inf in k and v at masked words change no score and no gradient (as on every backend)."""
+    require(backend)
+    q, u, k, v, mask = make_inputs(70, 41, 19, 2, 64, "masked-texts", torch.bfloat16)
+    bad_k, bad_v = poison_masked_words(k, v, mask)
+    grad_scores = torch.randn(70, 41, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    clean = mscmat_scores(q, u, k, v, mask, backend=backend)
+    poisoned = mscmat_scores(q, u, bad_k, bad_v, mask, backend=backend)
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+    clean_grads = torch.autograd.grad(clean, (q, u, k, v), grad_scores)
+    poisoned_grads = torch.autograd.grad(poisoned, (q, u, bad_k, bad_v), grad_scores)
+    for name, got, want in zip("qukv", poisoned_grads, clean_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"d{name}")
+    assert torch.all(poisoned_grads[2][~mask] == 0) and torch.all(poisoned_grads[3][~mask] == 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

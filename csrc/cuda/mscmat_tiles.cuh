@@ -276,30 +276,33 @@ class Stager {
   // real, unmasked word, 0 for a masked or padding slot (whose k, v are zeros).
   template <bool kAsync>
   __device__ void load_words(int stage, const StepTiles& t) {
+    // The word mask first, its loads unrolled (one global round trip): a masked word is never read but
+    // zero-filled, so whatever it holds (NaN, inf) reaches no score and no gradient (dq = dS k and du = dR v
+    // would multiply its zero weight by it).
+    bool unmasked[C::kWordChunks];
+#pragma unroll
+    for (int c = 0; c < C::kWordChunks; ++c) {
+      const int slot = first_row_ + c * C::kRowsPerPass;
+      const int text = slot >> p_.slots_shift, word = slot & (p_.slots_per_text - 1);
+      unmasked[c] =
+          real_word(t, slot) && (mask_ == nullptr || mask_[(t.first_text + text) * p_.num_words + t.w0 + word] != 0);
+    }
     const int64_t base = t.first_text * p_.k_stride_t + t.w0 * p_.k_stride_l + t.h * p_.k_stride_h + col_;
     T* k_dst = sm_.k(stage) + col_;
     T* v_dst = sm_.v(stage) + col_;
-#pragma unroll 1
+#pragma unroll
     for (int c = 0; c < C::kWordChunks; ++c) {
       const int slot = first_row_ + c * C::kRowsPerPass;
       const int text = slot >> p_.slots_shift, word = slot & (p_.slots_per_text - 1);
       const int64_t offset = base + text * p_.k_stride_t + word * p_.k_stride_l;
-      const int valid = real_word(t, slot) ? valid_cols_ : 0;
+      const int valid = unmasked[c] ? valid_cols_ : 0;
       copy_chunk<kAsync>(k_dst + slot * C::LDX, k_ + offset, valid, k_);
       copy_chunk<kAsync>(v_dst + slot * C::LDX, v_ + offset, valid, v_);
     }
-    // The word mask after the copies are in flight, its loads unrolled: one global round trip, not one per chunk
-    // (a mask byte is needed before its store, the copies need nothing).
     if (col_ == 0) {
       float* keep = sm_.keep(stage);
 #pragma unroll
-      for (int c = 0; c < C::kWordChunks; ++c) {
-        const int slot = first_row_ + c * C::kRowsPerPass;
-        const int text = slot >> p_.slots_shift, word = slot & (p_.slots_per_text - 1);
-        const bool unmasked =
-            real_word(t, slot) && (mask_ == nullptr || mask_[(t.first_text + text) * p_.num_words + t.w0 + word] != 0);
-        keep[slot] = unmasked ? 1.f : 0.f;
-      }
+      for (int c = 0; c < C::kWordChunks; ++c) keep[first_row_ + c * C::kRowsPerPass] = unmasked[c] ? 1.f : 0.f;
     }
   }
 

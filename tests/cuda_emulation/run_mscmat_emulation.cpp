@@ -28,6 +28,7 @@ struct Case {
   int images_per_block = 1;  // forward: image tiles per block
   bool misaligned = false;   // q, u, k, v start one element past a 16-byte boundary: element-wise staging
   bool nan = false;          // one element of q is NaN: its image's scores and gradients must be NaN
+  bool poison = false;       // k, v hold NaN and inf at masked words: nothing may change (the reference sees zeros)
 };
 
 template <typename T>
@@ -151,6 +152,15 @@ bool run_case(const Case& c, std::mt19937& rng) {
       mask[j * c.length + l] = value;
     }
   }
+  if (c.poison) {  // the kernels' inputs only: the reference keeps the finite values, which it never uses
+    for (int64_t w = 0; w < c.nt * c.length; ++w) {
+      if (mask[w] != 0) continue;
+      for (int64_t e = w * c.heads * c.head_dim; e < (w + 1) * c.heads * c.head_dim; ++e) {
+        k[e] = from_f<T>(NAN);
+        v[e] = from_f<T>(e % 2 ? INFINITY : -INFINITY);
+      }
+    }
+  }
   std::vector<double> g(c.ni * c.nt);
   std::vector<float> g32(c.ni * c.nt);
   for (size_t n = 0; n < g.size(); ++n) g[n] = g32[n] = normal(rng);
@@ -248,7 +258,7 @@ int main() {
   // chunks. The cases cut both tiles, chunk the texts (float L > 32, half L > 64), pad Dh, mask, give forward
   // blocks several image tiles (the last group short), stage element-wise (misaligned starts, Dh not a
   // multiple of 16 bytes) and feed NaN.
-  // {dtype, Ni, Nt, L, H, Dh, mask, image tiles per forward block, misaligned, nan}
+  // {dtype, Ni, Nt, L, H, Dh, mask, image tiles per forward block, misaligned, nan, poison}
   const Case cases[] = {
       {"f32", 37, 7, 12, 2, 32, "random"},
       {"f32", 33, 5, 40, 1, 64, "masked-texts", 2},
@@ -269,6 +279,9 @@ int main() {
       {"bf16", 40, 5, 10, 2, 20, "masked-texts", 2},
       {"bf16", 40, 5, 10, 2, 64, "none", 1, false, true},
       {"bf16", 70, 3, 70, 1, 128, "random", 2, true},
+      {"f32", 21, 6, 40, 2, 32, "masked-texts", 2, false, false, true},
+      {"f16", 70, 5, 19, 2, 64, "random", 1, true, false, true},
+      {"bf16", 40, 4, 70, 1, 64, "masked-texts", 2, false, false, true},
   };
   std::mt19937 rng(0);
   bool all_ok = true;
