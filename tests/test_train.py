@@ -34,10 +34,12 @@ MINI = Path(os.environ.get("MSA_SHARED_DATA") or REPO.parent / "shared" / "data"
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="real images (rs_mini) not available; set MSA_SHARED_DATA")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a busy CI machine oversubscribed OpenMP threads spin
-    (measured: this module 108 s with 2 threads vs 27 s with 1 at load average 4 on 2 cores)."""
+    (measured: this module 108 s with 2 threads vs 27 s with 1 at load average 4 on 2 cores). Module-scoped, so
+    that it is in force before the module-scoped runs too: a curve is bit-identical only at the same thread count
+    (the CPU kernel's tiles depend on it), and the killed child processes run with OMP_NUM_THREADS=1."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
