@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msa.configs import BERT_BASE
 from msa.search import Searcher, build_index
 from msa.search.index import IndexOptions
 from msa.search.models import model_fingerprint
@@ -56,15 +57,6 @@ PUBLISHED_CHANNELS = [256, 512, 1024, 2048]
 EMBED_DIM = 768
 WORDS = 30
 CLUSTERS = 2000
-BERT_BASE = {
-    "model_type": "bert",
-    "vocab_size": 30522,
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "max_position_embeddings": 512,
-}
 
 
 def published_model():

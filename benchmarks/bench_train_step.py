@@ -32,22 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mscmat import environment, peak_memory, synchronize  # noqa: E402
 
 import msa  # noqa: E402
-from msa.configs import TINY_BERT  # noqa: E402
+from msa.configs import BERT_BASE, TINY_BERT  # noqa: E402
 from msa.losses import msa_loss  # noqa: E402
 from msa.model import ImageFeatures, MSAModel, MSAOutput, TextFeatures  # noqa: E402
 from msa.mscmat import mscmat_pairs_ref  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROVIDERS = ("fused", "reference", "pairs")
-BERT_BASE = {
-    "model_type": "bert",
-    "vocab_size": 30522,
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "max_position_embeddings": 512,
-}
 SIZES = {
     "tiny": {"name": "msa-tiny", "overrides": {"text_config": TINY_BERT}},
     # The published architecture without its pretrained weights (which would need a download).

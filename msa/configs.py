@@ -246,6 +246,18 @@ TINY_BERT = {
     "attention_probs_dropout_prob": 0.0,
 }
 
+# BERT-base's architecture (bert-base-uncased's config), for random-weight models of the published size where the
+# real weights are not at hand (benchmarks).
+BERT_BASE = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+}
+
 _REGISTRY: dict[str, MSAConfig] = {
     # The published model: ResNet-50 + BERT-base, D = 768, 12 heads, 31 tokens.
     "msa-resnet50-bert": MSAConfig(),
