@@ -10,9 +10,11 @@ Two modes per (size, batch, provider), each forward + backward of the paper-pres
   MSCMAT weights and the encoder outputs, which are fixed leaf tensors here);
 - ``step``: the whole training step (image and text encoders included), which is what a user waits for.
 The published size is ResNet-50 + a randomly initialised BERT-base (768 wide, 12 layers) at 224 px, 31 tokens,
-D = 768, 12 heads. Providers take turns within each case (the machine may be shared). A case whose pair tensors would
-exceed ``--pairs-budget-gib`` is skipped and reported as such. Ratios are computed within this one run on this one
-device.
+D = 768, 12 heads. Built for a shared machine: after a warm-up call, the providers of a case take turns round by round
+(the order rotates), each provider's time is divided by the fused op's of the same round, and the table gives
+median [min-max] over the rounds with the 1-minute load average before and after the case; a ratio whose spread
+crosses 1.0 is flagged "noisy". A case whose pair tensors would exceed ``--pairs-budget-gib`` is skipped and reported
+as such. Ratios are computed within this one run on this one device.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mscmat import environment, peak_memory, synchronize  # noqa: E402
+from bench_mscmat import environment, load_average, peak_memory, spread, synchronize  # noqa: E402
 
 import msa  # noqa: E402
 from msa.configs import BERT_BASE, TINY_BERT  # noqa: E402
@@ -65,6 +67,9 @@ class Row:
     max_abs_error: float | None
     note: str = ""
     environment: dict = field(default_factory=dict)
+    ms_spread: tuple | None = None  # (min, median, max) over the rounds
+    vs_fused: tuple | None = None  # this provider's time / the fused op's, per round: (min, median, max)
+    load_average: tuple | None = None  # 1-minute load average before and after the case
 
 
 def make_batch(model: MSAModel, batch: int, device: torch.device, seed: int = 0):
@@ -175,10 +180,14 @@ def bench(args, device: torch.device, env: dict) -> list[Row]:
             with peak_memory(device) as peak:
                 results[provider]["scores"] = call()  # also the warm-up
             results[provider]["peak"] = None if peak[0] is None else peak[0] / 2**20
-        # Providers take turns, so that a load change on this (shared) machine hits them alike.
-        for _ in range(args.repeats):
-            for provider, call in calls.items():
-                results[provider]["times"].append(timed(call, device))
+        # Providers take turns (the order rotates each round), so that a load change on this (shared) machine hits
+        # them alike; ratios are taken per round.
+        loads, order = [load_average()], list(calls)
+        for repeat in range(args.repeats):
+            shift = repeat % len(order)
+            for provider in order[shift:] + order[:shift]:
+                results[provider]["times"].append(timed(calls[provider], device))
+        loads.append(load_average())
         expected = None
         for provider in args.providers:
             result = results[provider]
@@ -188,8 +197,11 @@ def bench(args, device: torch.device, env: dict) -> list[Row]:
             scores = result["scores"].double()
             expected = scores if expected is None else expected
             error = (scores - expected).abs().max().item()
-            median_ms = statistics.median(result["times"]) * 1e3
-            rows.append(Row(size, batch_size, mode, provider, median_ms, result["peak"], error, "", env))
+            times = result["times"]
+            fused_times = results["fused"]["times"] if "fused" in calls else None
+            ratios = [t / f for t, f in zip(times, fused_times)] if fused_times and provider != "fused" else []
+            rows.append(Row(size, batch_size, mode, provider, statistics.median(times) * 1e3, result["peak"], error, "",
+                            env, spread([t * 1e3 for t in times]), spread(ratios), tuple(loads)))  # fmt: skip
         progress.update()
     progress.close()
     return rows
@@ -200,17 +212,22 @@ def markdown(rows: list[Row], env: dict) -> str:
         f"Training step (forward + backward, paper loss) on {env['device']} ({env['threads']} threads), torch "
         f"{env['torch']}, git {env['git_sha']}. Error: max |scores - first provider's scores|.",
         "",
-        "| size | B | mode | provider | median ms | vs fused | peak extra MiB | max abs err | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | B | mode | provider | ms: median [min-max] | vs fused, per round | peak extra MiB | max abs err | "
+        "load avg | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fused = {(r.size, r.batch, r.mode): r.median_ms for r in rows if r.provider == "fused"}
     for r in rows:
-        base = fused.get((r.size, r.batch, r.mode))
-        ratio = f"{r.median_ms / base:.2f}x" if r.median_ms and base else ""
-        ms = f"{r.median_ms:.1f}" if r.median_ms is not None else "-"
+        ms = f"{r.ms_spread[1]:.1f} [{r.ms_spread[0]:.1f}-{r.ms_spread[2]:.1f}]" if r.ms_spread else "-"
+        ratio = ""
+        if r.vs_fused:
+            low, median, high = r.vs_fused
+            ratio = f"{median:.2f}x [{low:.2f}x-{high:.2f}x]" + (" (noisy)" if low < 1 < high else "")
         mib = f"{r.peak_extra_mib:.0f}" if r.peak_extra_mib is not None else "-"
         err = f"{r.max_abs_error:.1e}" if r.max_abs_error is not None else "-"
-        lines.append(f"| {r.size} | {r.batch} | {r.mode} | {r.provider} | {ms} | {ratio} | {mib} | {err} | {r.note} |")
+        load = "-" if not r.load_average or None in r.load_average else "{:.1f}-{:.1f}".format(*r.load_average)
+        lines.append(
+            f"| {r.size} | {r.batch} | {r.mode} | {r.provider} | {ms} | {ratio} | {mib} | {err} | {load} | {r.note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="32,128", help="comma list of batch sizes")
     parser.add_argument("--modes", default="mscmat,step", help="comma list of: mscmat, step")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of: " + ", ".join(PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per case (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per case (providers take turns)")
     parser.add_argument("--pairs-budget-gib", type=float, default=8.0, help="skip the pairs provider above this")
     parser.add_argument(
         "--max-published-step-batch", type=int, default=32, help="largest B for the whole published-size step"
