@@ -92,7 +92,9 @@ def rerank_metrics(
 
     Image -> text metrics come from the image -> text matrix, text -> image metrics from the other; mR is their mean.
     """
-    from msa.evaluation import retrieval_metrics
+    from msa.evaluation import METRIC_KEYS, retrieval_metrics
+
+    recall_keys = METRIC_KEYS[:-1]  # the six recalls; the last key is mR, their mean
 
     results = {}
     for depth in depths:
@@ -104,7 +106,6 @@ def rerank_metrics(
         by_image = retrieval_metrics(i2t, text_to_image)
         metrics = {key: value for key, value in by_image.items() if key.startswith("i2t") or key == "num_images"}
         metrics.update({key: value for key, value in by_text.items() if key.startswith("t2i") or key == "num_texts"})
-        recall_keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
         metrics["mR"] = sum(metrics[key] for key in recall_keys) / 6.0
         metrics["seconds"] = seconds
         results[f"rerank_{depth}"] = metrics
