@@ -11,14 +11,14 @@ TORCH_LIBRARY(msa, m) {
   // scores[i, j] = sum_h sum_l softmax_l(scale * <q[i,h], k[j,l,h]>) * <u[i,h], v[j,l,h]>
   // with the softmax over the words l where word_mask[j, l] is true (None: all words).
   m.def("mscmat_scores(Tensor q, Tensor u, Tensor k, Tensor v, Tensor? word_mask, float scale) -> Tensor");
+  // Computes only the gradients flagged in needs_grad (q, u, k, v) and returns empty tensors for the others.
   m.def(
       "mscmat_scores_backward(Tensor grad_scores, Tensor q, Tensor u, Tensor k, Tensor v, Tensor? word_mask, "
-      "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float scale, bool[4] needs_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // The forward used when gradients will be needed (CPU kernel only): with keep_softmax it also returns the
   // softmax p and logit_grads = p * (r - o) * scale (r the readouts, o the head's output) as [H, Nt, L, Ni]
   // tensors in the compute dtype (float32, or float64), so that the backward's dS and dR are g times them
-  // instead of being recomputed; without, two empty tensors. Its backward computes only the gradients
-  // flagged in needs_grad (q, u, k, v) and returns empty tensors for the others.
+  // instead of being recomputed; without, two empty tensors. Its backward honours needs_grad likewise.
   m.def(
       "mscmat_scores_for_grad(Tensor q, Tensor u, Tensor k, Tensor v, Tensor? word_mask, float scale, "
       "bool keep_softmax) -> (Tensor, Tensor, Tensor)");

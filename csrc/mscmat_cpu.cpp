@@ -682,9 +682,9 @@ at::Tensor mscmat_scores_cpu(const at::Tensor& q, const at::Tensor& u, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscmat_scores_backward_cpu(
     const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k,
-    const at::Tensor& v, const std::optional<at::Tensor>& word_mask, double scale) {
+    const at::Tensor& v, const std::optional<at::Tensor>& word_mask, double scale, std::array<bool, 4> needs_grad) {
   const at::Tensor none = at::empty({0}, q.options());
-  return scores_backward(grad_scores, q, u, k, v, word_mask, none, none, scale, {true, true, true, true});
+  return scores_backward(grad_scores, q, u, k, v, word_mask, none, none, scale, needs_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mscmat_scores_for_grad_cpu(

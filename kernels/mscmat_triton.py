@@ -110,20 +110,29 @@ def _mscmat_scores_triton_backward_op(
     v: torch.Tensor,
     word_mask: torch.Tensor | None,
     scale: float,
+    needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, du, dk, dv; a gradient not flagged in ``needs_grad`` is an empty tensor. The images kernel writes dq and
+    du, the words kernel dk and dv: each runs only when one of its pair is asked for."""
     _check_dtype(q)
+    images_grads, words_grads = needs_grad[0] or needs_grad[1], needs_grad[2] or needs_grad[3]
+    dq, du, dk, dv = (
+        torch.empty_like(t, memory_format=torch.contiguous_format) if pair_needed else t.new_empty((0,))
+        for t, pair_needed in ((q, images_grads), (u, images_grads), (k, words_grads), (v, words_grads))
+    )
     num_images, heads, head_dim = q.shape
     num_texts, num_words = k.shape[0], k.shape[1]
-    dq, du = (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(u, memory_format=torch.contiguous_format),
-    )
-    dk, dv = (
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-    )
     if num_images == 0 or num_texts == 0 or num_words == 0 or heads == 0:
-        return dq.zero_(), du.zero_(), dk.zero_(), dv.zero_()
+        grads = (dq.zero_(), du.zero_(), dk.zero_(), dv.zero_())
+    else:
+        grads = _triton_backward(grad_scores, q, u, k, v, word_mask, scale, (dq, du, dk, dv), images_grads, words_grads)
+    return tuple(grad if needed else grad.new_empty((0,)) for grad, needed in zip(grads, needs_grad))
+
+
+def _triton_backward(grad_scores, q, u, k, v, word_mask, scale, grads, images_grads, words_grads):
+    dq, du, dk, dv = grads
+    num_images, heads, head_dim = q.shape
+    num_texts, num_words = k.shape[0], k.shape[1]
     q, u, k, v, mask, mask_strides, has_mask = _prepared(q, u, k, v, word_mask)
     # dq/du and q share strides (both contiguous after _prepared), likewise dk/dv and k.
     q, u, k, v = (t.contiguous() for t in (q, u, k, v))
@@ -136,26 +145,28 @@ def _mscmat_scores_triton_backward_op(
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), mask_strides[0], mask_strides[1],
                grad_t.stride(0))  # fmt: skip
     sizes = (num_images, num_texts, num_words, heads, scale, scale * LOG2_E)
-    splits, texts_per_split = _text_splits(num_images, num_texts, heads)
-    if splits == 1:
-        dq_parts, du_parts = dq, du
-    else:
-        dq_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
-        du_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
+    if images_grads:
+        splits, texts_per_split = _text_splits(num_images, num_texts, heads)
+        if splits == 1:
+            dq_parts, du_parts = dq, du
+        else:
+            dq_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
+            du_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
 
-    def images_grid(meta):
-        return (triton.cdiv(num_images, meta["BLOCK_I"]), heads, splits)
+        def images_grid(meta):
+            return (triton.cdiv(num_images, meta["BLOCK_I"]), heads, splits)
 
-    wrap_triton(mscmat_scores_bwd_images_kernel)[images_grid](
-        q, u, k, v, mask, grad_t, dq_parts, du_parts, *strides, q.numel(), *sizes, texts_per_split, **common
-    )
-    if splits > 1:
-        dq.copy_(dq_parts.sum(0))
-        du.copy_(du_parts.sum(0))
-    words_grid = (num_texts * triton.cdiv(num_words, block_l), heads)
-    wrap_triton(mscmat_scores_bwd_words_kernel)[words_grid](
-        q, u, k, v, mask, grad_t, dk, dv, *strides, *sizes, **common
-    )
+        wrap_triton(mscmat_scores_bwd_images_kernel)[images_grid](
+            q, u, k, v, mask, grad_t, dq_parts, du_parts, *strides, q.numel(), *sizes, texts_per_split, **common
+        )
+        if splits > 1:
+            dq.copy_(dq_parts.sum(0))
+            du.copy_(du_parts.sum(0))
+    if words_grads:
+        words_grid = (num_texts * triton.cdiv(num_words, block_l), heads)
+        wrap_triton(mscmat_scores_bwd_words_kernel)[words_grid](
+            q, u, k, v, mask, grad_t, dk, dv, *strides, *sizes, **common
+        )
     return dq, du, dk, dv
 
 

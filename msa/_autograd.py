@@ -1,5 +1,6 @@
 """Autograd of every msa scores op: each has the signature (q, u, k, v, word_mask, scale) and a backward op
-(grad_scores, q, u, k, v, word_mask, scale) -> (dq, du, dk, dv)."""
+(grad_scores, q, u, k, v, word_mask, scale, needs_grad) -> (dq, du, dk, dv) that computes only the gradients
+flagged in needs_grad and returns empty tensors for the others."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def register_scores_autograd(register: Callable, backward_op: Callable) -> None:
 
     def backward(ctx, grad_scores):
         q, u, k, v, word_mask = ctx.saved_tensors
-        dq, du, dk, dv = backward_op(grad_scores, q, u, k, v, word_mask, ctx.scale)
-        return dq, du, dk, dv, None, None
+        needs = list(ctx.needs_input_grad[:4])
+        grads = backward_op(grad_scores, q, u, k, v, word_mask, ctx.scale, needs)
+        return *(grad if needed else None for grad, needed in zip(grads, needs)), None, None
 
     register(backward, setup_context=setup_context)

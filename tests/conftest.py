@@ -3,6 +3,8 @@ sys.path)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -64,6 +66,20 @@ def check_close(got: torch.Tensor, low_precision: torch.Tensor, want: torch.Tens
     assert kernel_error <= 2 * reference_error + floor, (
         f"{name}: kernel error {kernel_error:.3e} > 2 x reference error {reference_error:.3e} + {floor:.1e}"
     )
+
+
+def check_only_asked_gradients(backward, grad, inputs):
+    """``backward(grad, q, u, k, v, needs_grad)`` for every subset of the four gradients: an asked-for gradient
+    equals the one computed with all four, one not asked for is an empty tensor."""
+    full = backward(grad, *inputs, [True] * 4)
+    for asked in itertools.product([False, True], repeat=4):
+        got = backward(grad, *inputs, list(asked))
+        for name, needed, partial, complete in zip("qukv", asked, got, full):
+            if needed:
+                torch.testing.assert_close(partial, complete, rtol=0, atol=0, msg=lambda m: f"d{name}, {asked}: {m}")
+            else:
+                assert partial.numel() == 0, f"d{name} was not asked for ({asked}) but has shape {partial.shape}"
+    return full
 
 
 def poison_masked_words(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):

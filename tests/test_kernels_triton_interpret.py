@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import check_close, make_op_inputs, poison_masked_words
+from conftest import check_close, check_only_asked_gradients, make_op_inputs, poison_masked_words
 
 from msa.ops import mscmat_scores_ref
 
@@ -164,6 +164,24 @@ def test_registered_op_schema_and_autograd(triton_module):
         (q, u, k, v, mask, 0.25),
         test_utils=("test_schema", "test_autograd_registration"),
     )
+
+
+@in_interpreter
+def test_backward_computes_only_the_gradients_asked_for(triton_module, monkeypatch):
+    q, u, k, v, mask = (t.detach() if t is not None else t for t in make_inputs(5, 4, 6, 2, 16, "masked-texts"))
+    grad = torch.randn(5, 4)
+
+    def backward(grad, q, u, k, v, needs):
+        return torch.ops.msa.mscmat_scores_triton_backward(grad, q, u, k, v, mask, 0.25, needs)
+
+    full = check_only_asked_gradients(backward, grad, (q, u, k, v))
+    # The words kernel (dk, dv) is not launched for a frozen text side: with it gone, dq and du still come out.
+    monkeypatch.setattr(triton_module, "mscmat_scores_bwd_words_kernel", None)
+    q.requires_grad_()
+    u.requires_grad_()
+    dq, du = torch.autograd.grad(triton_module.mscmat_scores_triton(q, u, k, v, mask, 0.25), (q, u), grad)
+    torch.testing.assert_close(dq, full[0], rtol=0, atol=0)
+    torch.testing.assert_close(du, full[1], rtol=0, atol=0)
 
 
 @in_interpreter

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from conftest import check_close, make_op_inputs, poison_masked_words
+from conftest import check_close, check_only_asked_gradients, make_op_inputs, poison_masked_words
 
 from msa.ops import backend_available, mscmat_scores, mscmat_scores_ref
 
@@ -162,8 +162,27 @@ def test_opcheck_cuda_kernels():
     torch.library.opcheck(torch.ops.msa.mscmat_scores.default, (q, u, k, v, mask, 0.2))
     grad = torch.randn(9, 6, device="cuda", dtype=torch.float16)
     torch.library.opcheck(
-        torch.ops.msa.mscmat_scores_backward.default, (grad, q.detach(), u.detach(), k.detach(), v.detach(), mask, 0.2)
+        torch.ops.msa.mscmat_scores_backward.default,
+        (grad, q.detach(), u.detach(), k.detach(), v.detach(), mask, 0.2, [True, True, False, True]),
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_computes_only_the_gradients_asked_for(backend):
+    require(backend)
+    q, u, k, v, mask = (t.detach() for t in make_inputs(37, 21, 13, 2, 64, "masked-texts", torch.bfloat16))
+    grad = torch.randn(37, 21, device="cuda", dtype=torch.bfloat16)
+    op = torch.ops.msa.mscmat_scores_backward if backend == "cuda" else torch.ops.msa.mscmat_scores_triton_backward
+
+    def backward(grad, q, u, k, v, needs):
+        return op(grad, q, u, k, v, mask, 0.125, needs)
+
+    full = check_only_asked_gradients(backward, grad, (q, u, k, v))
+    q.requires_grad_()
+    u.requires_grad_()
+    dq, du = torch.autograd.grad(mscmat_scores(q, u, k, v, mask, scale=0.125, backend=backend), (q, u), grad)
+    torch.testing.assert_close(dq, full[0], rtol=0, atol=0)
+    torch.testing.assert_close(du, full[1], rtol=0, atol=0)
 
 
 def test_opcheck_triton_kernels():

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 
 // In this order: the primitives, then the tiles and loaders, then the kernels.
@@ -115,9 +116,11 @@ void forward_launch(const Prepared& in, at::Tensor& out) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The images kernel writes dq and du, the words kernel dk and dv: each runs only when one of its pair is
+// asked for (the other of the pair then lands in a scratch tensor).
 template <typename T, int DP>
 void backward_launch(const Prepared& in, const at::Tensor& grad, at::Tensor& dq, at::Tensor& du, at::Tensor& dk,
-                     at::Tensor& dv) {
+                     at::Tensor& dv, bool images_grads, bool words_grads) {
   using C = Tiles<T, DP>;
   const char* name = "msa::mscmat_scores_backward";
   Shape p = in.shape;
@@ -136,13 +139,16 @@ void backward_launch(const Prepared& in, const at::Tensor& grad, at::Tensor& dq,
 
   const int64_t image_tiles = (p.num_images + C::BI - 1) / C::BI;
   TORCH_CHECK(image_tiles < (int64_t{1} << 31), name, ": too many image tiles");
-  auto images_kernel = mscmat_scores_bwd_images_kernel<T, DP>;
-  constexpr size_t kImagesBytes = ImagesGradLayout<T, DP>::kBytes;
-  allow_shared_memory(images_kernel, kImagesBytes, device, name);
-  images_kernel<<<dim3(static_cast<unsigned>(image_tiles), static_cast<unsigned>(p.heads)), kThreads, kImagesBytes,
-                  stream>>>(q, u, k, v, mask, g, reinterpret_cast<T*>(dq.data_ptr()),
-                            reinterpret_cast<T*>(du.data_ptr()), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (images_grads) {
+    auto images_kernel = mscmat_scores_bwd_images_kernel<T, DP>;
+    constexpr size_t kImagesBytes = ImagesGradLayout<T, DP>::kBytes;
+    allow_shared_memory(images_kernel, kImagesBytes, device, name);
+    images_kernel<<<dim3(static_cast<unsigned>(image_tiles), static_cast<unsigned>(p.heads)), kThreads, kImagesBytes,
+                    stream>>>(q, u, k, v, mask, g, reinterpret_cast<T*>(dq.data_ptr()),
+                              reinterpret_cast<T*>(du.data_ptr()), p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (!words_grads) return;
 
   const int64_t chunks = (p.num_words + p.slots_per_text - 1) / p.slots_per_text;
   const int64_t text_tiles = (p.num_texts + p.texts_per_tile - 1) / p.texts_per_tile;
@@ -194,18 +200,27 @@ at::Tensor mscmat_scores_cuda(const at::Tensor& q, const at::Tensor& u, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mscmat_scores_backward_cuda(
     const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& word_mask, double scale) {
+    const std::optional<at::Tensor>& word_mask, double scale, std::array<bool, 4> needs_grad) {
   const c10::cuda::CUDAGuard guard(q.device());
   const Prepared in = prepare(q, u, k, v, word_mask, scale, "msa::mscmat_scores_backward");
   TORCH_CHECK(
       grad_scores.dim() == 2 && grad_scores.size(0) == in.shape.num_images && grad_scores.size(1) == in.shape.num_texts,
       "msa::mscmat_scores_backward: grad_scores must be [Ni, Nt]");
   const at::Tensor grad = grad_scores.to(at::kFloat).contiguous();
-  at::Tensor dq = at::zeros_like(in.q), du = at::zeros_like(in.u), dk = at::zeros_like(in.k), dv = at::zeros_like(in.v);
-  if (grad.numel() == 0 || in.shape.num_words == 0 || in.shape.heads == 0) return {dq, du, dk, dv};
-  dispatch(q.scalar_type(), in.shape.head_dim,
-           [&]<typename T, int DP>() { backward_launch<T, DP>(in, grad, dq, du, dk, dv); });
-  return {dq, du, dk, dv};
+  const bool images_grads = needs_grad[0] || needs_grad[1], words_grads = needs_grad[2] || needs_grad[3];
+  const auto make = [](bool pair_needed, const at::Tensor& like) {
+    return pair_needed ? at::zeros_like(like) : at::empty({0}, like.options());
+  };
+  at::Tensor dq = make(images_grads, in.q), du = make(images_grads, in.u);
+  at::Tensor dk = make(words_grads, in.k), dv = make(words_grads, in.v);
+  const bool any_work = grad.numel() > 0 && in.shape.num_words > 0 && in.shape.heads > 0;
+  if (any_work && (images_grads || words_grads)) {
+    dispatch(q.scalar_type(), in.shape.head_dim, [&]<typename T, int DP>() {
+      backward_launch<T, DP>(in, grad, dq, du, dk, dv, images_grads, words_grads);
+    });
+  }
+  const auto finish = [](const at::Tensor& g, bool needed) { return needed ? g : at::empty({0}, g.options()); };
+  return {finish(dq, needs_grad[0]), finish(du, needs_grad[1]), finish(dk, needs_grad[2]), finish(dv, needs_grad[3])};
 }
 
 }  // namespace

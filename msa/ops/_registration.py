@@ -29,11 +29,16 @@ def _mscmat_scores_fake(q, u, k, v, word_mask, scale):
     return q.new_empty((q.shape[0], k.shape[0]))
 
 
+def _wanted_grads(inputs, needs_grad):
+    """Gradients' fakes: the input's shape where asked for, an empty tensor otherwise."""
+    return tuple(torch.empty_like(t) if needed else t.new_empty((0,)) for t, needed in zip(inputs, needs_grad))
+
+
 @torch.library.register_fake("msa::mscmat_scores_backward")
-def _mscmat_scores_backward_fake(grad_scores, q, u, k, v, word_mask, scale):
+def _mscmat_scores_backward_fake(grad_scores, q, u, k, v, word_mask, scale, needs_grad):
     _check_shapes(q, u, k, v, word_mask)
     torch._check(grad_scores.shape == (q.shape[0], k.shape[0]), lambda: "grad_scores must be [Ni, Nt]")
-    return torch.empty_like(q), torch.empty_like(u), torch.empty_like(k), torch.empty_like(v)
+    return _wanted_grads((q, u, k, v), needs_grad)
 
 
 @torch.library.register_fake("msa::mscmat_scores_for_grad")
@@ -54,7 +59,7 @@ def _mscmat_scores_for_grad_backward_fake(grad_scores, q, u, k, v, word_mask, pr
     _check_shapes(q, u, k, v, word_mask)
     torch._check(grad_scores.shape == (q.shape[0], k.shape[0]), lambda: "grad_scores must be [Ni, Nt]")
     torch._check(probs.shape == logit_grads.shape, lambda: "probs and logit_grads must have one shape")
-    return tuple(torch.empty_like(t) if needed else t.new_empty((0,)) for t, needed in zip((q, u, k, v), needs_grad))
+    return _wanted_grads((q, u, k, v), needs_grad)
 
 
 def _setup_for_grad(ctx, inputs, output):
