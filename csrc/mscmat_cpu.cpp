@@ -399,13 +399,34 @@ struct Inputs {
   at::Tensor q, u, k, v, keep;  // keep: [Nt, L] in the compute dtype, 1 = valid word
   at::Tensor q_logits;          // scale * q, head-major: the logits' GEMM then needs no epilogue multiply
   double scale;
-  at::Tensor word_is_masked;    // [Nt, L, 1, 1] bool, undefined when every word is valid
+  std::vector<int64_t> masked_words;  // j * L + l of every masked word (backward inputs only)
   std::vector<uint8_t> has_words;
   Problem p;
 };
 
+// Whether rows[r] * row_size .. + row_size of data all hold finite values (x - x is 0 exactly for those).
+template <typename T>
+bool rows_finite(const T* data, const std::vector<int64_t>& rows, int64_t row_size) {
+  T nan_if_not = 0;
+  for (const int64_t row : rows) {
+    const T* values = data + row * row_size;
+#pragma omp simd reduction(+ : nan_if_not)
+    for (int64_t e = 0; e < row_size; ++e) {
+      nan_if_not += values[e] - values[e];
+    }
+  }
+  return nan_if_not == T(0);
+}
+
+template <typename T>
+void zero_rows(T* data, const std::vector<int64_t>& rows, int64_t row_size) {
+  for (const int64_t row : rows) {
+    std::fill(data + row * row_size, data + (row + 1) * row_size, T(0));
+  }
+}
+
 // Compute-dtype inputs (q, u head-major [H, Ni, Dh]; k, v contiguous [Nt, L, H, Dh]) and the word mask as 0/1
-// in the compute dtype, never null. For the backward (zero_masked_words) k and v are zero at masked words:
+// in the compute dtype, never null. For the backward (zero_masked_words) k and v read as zero at masked words:
 // the gradient GEMMs multiply them by dS = 0 there, and 0 * NaN would leak into dq and du.
 Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
                const std::optional<at::Tensor>& word_mask, double scale, bool zero_masked_words) {
@@ -439,11 +460,23 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, co
                                                        : at::zeros({in.p.num_texts}, valid.options().dtype(at::kByte));
   const uint8_t* flags = text_has_words.data_ptr<uint8_t>();
   in.has_words.assign(flags, flags + in.p.num_texts);
-  if (word_mask.has_value() && !valid.all().item<bool>()) {
-    in.word_is_masked = valid.logical_not().view({in.p.num_texts, in.p.num_words, 1, 1});
-    if (zero_masked_words) {
-      in.k = in.k.masked_fill(in.word_is_masked, 0);
-      in.v = in.v.masked_fill(in.word_is_masked, 0);
+  if (zero_masked_words && word_mask.has_value()) {
+    const bool* is_valid = valid.data_ptr<bool>();
+    for (int64_t word = 0; word < valid.numel(); ++word) {
+      if (!is_valid[word]) {
+        in.masked_words.push_back(word);
+      }
+    }
+    // Finite values there are left in place (0 times them is 0), so k and v are copied only when a masked
+    // word holds inf or NaN, which is rare.
+    const int64_t row_size = in.p.heads * in.p.head_dim;
+    for (at::Tensor* words : {&in.k, &in.v}) {
+      AT_DISPATCH_FLOATING_TYPES(words->scalar_type(), "mscmat_scores_cpu", [&] {
+        if (!rows_finite(words->data_ptr<scalar_t>(), in.masked_words, row_size)) {
+          *words = words->clone();
+          zero_rows(words->data_ptr<scalar_t>(), in.masked_words, row_size);
+        }
+      });
     }
   }
   return in;
@@ -670,7 +703,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
       return g.permute({1, 0, 2}).to(dtype).contiguous();
     }
     // A masked word gets no gradient, whatever the images hold (dS is 0 there, but 0 * inf is not).
-    return (in.word_is_masked.defined() ? g.masked_fill(in.word_is_masked, 0) : g).to(dtype);
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mscmat_scores_backward_cpu", [&] {
+      zero_rows(g.data_ptr<scalar_t>(), in.masked_words, p.heads * p.head_dim);
+    });
+    return g.to(dtype);
   };
   return {finish(grads.dq, true), finish(grads.du, true), finish(grads.dk, false), finish(grads.dv, false)};
 }

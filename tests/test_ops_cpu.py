@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,26 @@ def test_softmax_is_kept_only_within_the_budget(saved_softmax_budget, monkeypatc
     with torch.no_grad():
         mscmat_scores(q, u, k, v, mask, backend="cpu")  # no graph, nothing kept: the plain op
     assert calls == [True, False]
+
+
+@needs_cpu_kernel
+def test_backward_writes_nothing_of_the_kept_softmax_size():
+    """Neither autograd (zero gradients for the kept, non-differentiable tensors) nor the op (copies of k and v to
+    zero their masked words) fills or copies anything of size H Nt L Ni or Nt L H Dh on the way back."""
+    q, u, k, v, mask = make_op_inputs(6, 5, 9, 3, 8, mask_kind="random", requires_grad=True)
+    large = (3 * 5 * 9 * 6, 5 * 9 * 3 * 8)
+    scores = mscmat_scores(q, u, k, v, mask, backend="cpu")
+    with torch.profiler.profile(record_shapes=True) as prof:
+        scores.backward(torch.randn_like(scores))
+    filled = [
+        (event.name, event.input_shapes)
+        for event in prof.events()
+        if event.name in ("aten::fill_", "aten::zero_", "aten::copy_", "aten::clone", "aten::masked_fill_")
+        and event.input_shapes
+        and event.input_shapes[0]
+        and math.prod(event.input_shapes[0]) in large
+    ]
+    assert filled == []
 
 
 def test_saved_softmax_budget_rejects_negative_sizes():

@@ -67,12 +67,16 @@ def _setup_for_grad(ctx, inputs, output):
     _, probs, logit_grads = output
     ctx.save_for_backward(q, u, k, v, word_mask, probs, logit_grads)
     ctx.mark_non_differentiable(probs, logit_grads)
+    # Otherwise autograd hands the backward zero-filled gradients of probs and logit_grads (2 x 4 H Nt L Ni bytes).
+    ctx.set_materialize_grads(False)
     ctx.scale = scale
 
 
 def _backward_for_grad(ctx, grad_scores, _grad_probs, _grad_logit_grads):
     q, u, k, v, word_mask, probs, logit_grads = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
+    if grad_scores is None:  # not materialised: nothing flowed back into the scores
+        return None, None, None, None, None, None, None
     grads = torch.ops.msa.mscmat_scores_for_grad_backward(
         grad_scores, q, u, k, v, word_mask, probs, logit_grads, ctx.scale, needs
     )
