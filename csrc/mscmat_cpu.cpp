@@ -67,6 +67,8 @@ namespace {
 // Images processed side by side by the softmax loops: one AVX-512 register of floats. Scratch rows are padded
 // to a multiple of it, so full-width loops never need a remainder.
 constexpr int64_t kLanes = 16;
+// Images per tile at most (a multiple of kLanes).
+constexpr int64_t kMaxImageBlock = 128;
 
 inline int64_t round_up(int64_t x, int64_t multiple) {
   return (x + multiple - 1) / multiple * multiple;
@@ -186,21 +188,22 @@ MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep,
 
 // Forward epilogue of one tile and head: acc[j, i] += sum_l softmax(S)[l, i] R[l, i] for every text j of the
 // tile. With `probs`/`logit_grads` (row stride out_ld) it also writes there what the backward needs, 0 at masked
-// words: p and a = p (r - o) scale, so that dS = g a and dR = g p.
+// words: p and a = p (r - o) scale, so that dS = g a and dR = g p. Those are written a whole row of images at a
+// time, once the softmax of every lane group is known: full rows stream to memory, strided pieces would not.
 template <typename T>
 MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& tile, T* acc, T* probs,
                                              T* logit_grads, int64_t out_ld) {
-  const int64_t L = tile.num_words, ld = tile.ld;
+  const int64_t L = tile.num_words, ld = tile.ld, bi = tile.bi;
   const T scale = static_cast<T>(tile.scale);
   const T* keep = static_cast<const T*>(tile.keep);
+  T inv_den[kMaxImageBlock], head_out[kMaxImageBlock];  // per image of text j: 1 / denominator and o
   for (int64_t j = 0; j < tile.bj; ++j) {
     const T* keep_j = keep + j * L;
     T* s_j = s + j * L * ld;
     const T* r_j = r + j * L * ld;
-    for (int64_t c = 0; c < tile.bi; c += kLanes) {
-      const int64_t lanes = std::min(kLanes, tile.bi - c);
-      T den[kLanes] = {}, sum[kLanes] = {};
-      if (tile.has_words[j]) {
+    if (tile.has_words[j]) {
+      for (int64_t c = 0; c < bi; c += kLanes) {
+        T den[kLanes], sum[kLanes];
         if (probs != nullptr) {
           text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
         } else {
@@ -210,34 +213,30 @@ MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& 
 #pragma omp simd
         for (int64_t t = 0; t < kLanes; ++t) {
           acc_j[t] += sum[t] / den[t];
+          // One division per lane, not two per word.
+          inv_den[c + t] = T(1) / den[t];
+          head_out[c + t] = sum[t] * inv_den[c + t];
         }
       }
-      if (probs == nullptr) {
+    }
+    if (probs == nullptr) {
+      continue;
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      T* p_out = probs + (j * L + l) * out_ld;
+      T* a_out = logit_grads + (j * L + l) * out_ld;
+      if (keep_j[l] == T(0) || !tile.has_words[j]) {
+        std::fill(p_out, p_out + bi, T(0));
+        std::fill(a_out, a_out + bi, T(0));
         continue;
       }
-      // One division per lane, not two per word: 1 / denominator and the head's output o.
-      T inv_den[kLanes], head_out[kLanes];
+      const T* e_row = s_j + l * ld;
+      const T* r_row = r_j + l * ld;
 #pragma omp simd
-      for (int64_t t = 0; t < kLanes; ++t) {
-        inv_den[t] = T(1) / den[t];
-        head_out[t] = sum[t] * inv_den[t];
-      }
-      for (int64_t l = 0; l < L; ++l) {
-        T* p_out = probs + (j * L + l) * out_ld + c;
-        T* a_out = logit_grads + (j * L + l) * out_ld + c;
-        if (keep_j[l] == T(0) || !tile.has_words[j]) {
-          std::fill(p_out, p_out + lanes, T(0));
-          std::fill(a_out, a_out + lanes, T(0));
-          continue;
-        }
-        const T* e_row = s_j + l * ld + c;
-        const T* r_row = r_j + l * ld + c;
-#pragma omp simd
-        for (int64_t t = 0; t < lanes; ++t) {
-          const T prob = e_row[t] * inv_den[t];
-          p_out[t] = prob;
-          a_out[t] = prob * (r_row[t] - head_out[t]) * scale;
-        }
+      for (int64_t i = 0; i < bi; ++i) {
+        const T prob = e_row[i] * inv_den[i];
+        p_out[i] = prob;
+        a_out[i] = prob * (r_row[i] - head_out[i]) * scale;
       }
     }
   }
@@ -301,23 +300,23 @@ MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile,
       std::fill(r_j, r_j + L * ld, T(0));
       continue;
     }
-    for (int64_t c = 0; c < tile.bi; c += kLanes) {
-      const int64_t lanes = std::min(kLanes, tile.bi - c);
-      const T* g = grad + j * ld + c;
-      if (probs != nullptr) {
-        for (int64_t l = 0; l < L; ++l) {
-          const T* p_row = probs + (j * L + l) * saved_ld + c;
-          const T* a_row = logit_grads + (j * L + l) * saved_ld + c;
-          T* ds_row = s_j + l * ld + c;
-          T* dr_row = r_j + l * ld + c;
+    if (probs != nullptr) {  // whole rows of images: the saved p and a stream in
+      const T* g = grad + j * ld;
+      for (int64_t l = 0; l < L; ++l) {
+        const T* p_row = probs + (j * L + l) * saved_ld;
+        const T* a_row = logit_grads + (j * L + l) * saved_ld;
+        T* ds_row = s_j + l * ld;
+        T* dr_row = r_j + l * ld;
 #pragma omp simd
-          for (int64_t t = 0; t < lanes; ++t) {
-            ds_row[t] = g[t] * a_row[t];
-            dr_row[t] = g[t] * p_row[t];
-          }
+        for (int64_t i = 0; i < tile.bi; ++i) {
+          ds_row[i] = g[i] * a_row[i];
+          dr_row[i] = g[i] * p_row[i];
         }
-        continue;
       }
+      continue;
+    }
+    for (int64_t c = 0; c < tile.bi; c += kLanes) {
+      const T* g = grad + j * ld + c;
       T den[kLanes], sum[kLanes], inv_denom[kLanes];
       text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
 #pragma omp simd
@@ -379,7 +378,7 @@ void for_each_item(int64_t num_items, const MakeWorker& make_worker) {
 // Tile sizes: 128 x 512 GEMM outputs run at the BLAS's full rate with K = Dh = 64 and keep S and R (256 KiB
 // each in float32) in L2; shrunk until there are two tiles per thread.
 inline void choose_tiles(const Problem& p, int64_t& image_block, int64_t& text_block) {
-  image_block = 128;
+  image_block = kMaxImageBlock;
   text_block = std::max<int64_t>(1, 512 / std::max<int64_t>(p.num_words, 1));
   // Two tiles per thread: more, smaller tiles cost more in per-GEMM overhead than they gain in balance.
   const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
