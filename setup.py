@@ -93,7 +93,8 @@ def _extension():
 
 
 setup(
-    packages=[*find_packages(include=["msa", "msa.*"]), "msa.kernels"],
+    # msa.search.static holds the search page's files (no Python), listed so that setuptools installs it.
+    packages=[*find_packages(include=["msa", "msa.*"]), "msa.search.static", "msa.kernels"],
     # The Triton kernels live in the top-level kernels/ folder but are installed as msa.kernels: a PyPI
     # package named `kernels` exists, so that name is never imported at the top level.
     package_dir={"msa.kernels": "kernels"},
