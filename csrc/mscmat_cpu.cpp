@@ -186,6 +186,35 @@ MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep,
   std::copy(sum, sum + kLanes, weighted);
 }
 
+// What a text's softmax feeds, row by row for n images side by side: weight = factor e and
+// weighted = weight (r - o) scale at valid words, 0 at masked ones, from the unnormalised softmax e and the
+// readouts r (row stride in_ld) into rows of stride out_ld. factor = 1 / denominator gives p and p (r - o) scale,
+// what the forward keeps; factor = g / denominator gives dR and dS. Each element is read before it is written,
+// so the outputs may be the inputs.
+template <typename T>
+MSA_ALWAYS_INLINE void softmax_rows(const T* e, const T* r, int64_t in_ld, T* weight, T* weighted, int64_t out_ld,
+                                    const T* keep, int64_t num_words, int64_t n, const T* factor, const T* head_out,
+                                    T scale) {
+  for (int64_t l = 0; l < num_words; ++l) {
+    T* weight_row = weight + l * out_ld;
+    T* weighted_row = weighted + l * out_ld;
+    if (keep[l] == T(0)) {
+      std::fill(weight_row, weight_row + n, T(0));
+      std::fill(weighted_row, weighted_row + n, T(0));
+      continue;
+    }
+    const T* e_row = e + l * in_ld;
+    const T* r_row = r + l * in_ld;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T w = factor[i] * e_row[i];
+      const T readout = r_row[i];
+      weight_row[i] = w;
+      weighted_row[i] = w * (readout - head_out[i]) * scale;
+    }
+  }
+}
+
 // Forward epilogue of one tile and head: acc[j, i] += sum_l softmax(S)[l, i] R[l, i] for every text j of the
 // tile. With `probs`/`logit_grads` (row stride out_ld) it also writes there what the backward needs, 0 at masked
 // words: p and a = p (r - o) scale, so that dS = g a and dR = g p. Those are written a whole row of images at a
@@ -213,72 +242,20 @@ MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& 
 #pragma omp simd
         for (int64_t t = 0; t < kLanes; ++t) {
           acc_j[t] += sum[t] / den[t];
-          // One division per lane, not two per word.
-          inv_den[c + t] = T(1) / den[t];
-          head_out[c + t] = sum[t] * inv_den[c + t];
+        }
+        if (probs != nullptr) {
+#pragma omp simd
+          for (int64_t t = 0; t < kLanes; ++t) {
+            // One division per lane, not two per word.
+            inv_den[c + t] = T(1) / den[t];
+            head_out[c + t] = sum[t] * inv_den[c + t];
+          }
         }
       }
     }
-    if (probs == nullptr) {
-      continue;
-    }
-    for (int64_t l = 0; l < L; ++l) {
-      T* p_out = probs + (j * L + l) * out_ld;
-      T* a_out = logit_grads + (j * L + l) * out_ld;
-      if (keep_j[l] == T(0) || !tile.has_words[j]) {
-        std::fill(p_out, p_out + bi, T(0));
-        std::fill(a_out, a_out + bi, T(0));
-        continue;
-      }
-      const T* e_row = s_j + l * ld;
-      const T* r_row = r_j + l * ld;
-#pragma omp simd
-      for (int64_t i = 0; i < bi; ++i) {
-        const T prob = e_row[i] * inv_den[i];
-        p_out[i] = prob;
-        a_out[i] = prob * (r_row[i] - head_out[i]) * scale;
-      }
-    }
-  }
-}
-
-// dS = g p (r - o) scale and dR = g p over the L rows of one text for kLanes images, from the unnormalised
-// softmax e and r (row stride in_ld) into ds and dr (row stride ld), with `inv_denom` = 1 / sum_l e.
-template <typename T>
-MSA_ALWAYS_INLINE void text_gradients(const T* p, const T* r, int64_t in_ld, T* ds, T* dr, int64_t ld,
-                                      const T* keep, int64_t num_words, int64_t lanes, const T* grad,
-                                      const T* inv_denom, T scale) {
-  T head_out[kLanes] = {};
-  for (int64_t l = 0; l < num_words; ++l) {
-    if (keep[l] == T(0)) {
-      continue;
-    }
-#pragma omp simd
-    for (int64_t t = 0; t < lanes; ++t) {
-      head_out[t] += p[l * in_ld + t] * r[l * in_ld + t];
-    }
-  }
-  T g_over_denom[kLanes];
-#pragma omp simd
-  for (int64_t t = 0; t < lanes; ++t) {
-    head_out[t] *= inv_denom[t];
-    g_over_denom[t] = grad[t] * inv_denom[t];
-  }
-  for (int64_t l = 0; l < num_words; ++l) {
-    T* ds_row = ds + l * ld;
-    T* dr_row = dr + l * ld;
-    if (keep[l] == T(0)) {
-      std::fill(ds_row, ds_row + lanes, T(0));
-      std::fill(dr_row, dr_row + lanes, T(0));
-      continue;
-    }
-    const T* p_row = p + l * in_ld;
-    const T* r_row = r + l * in_ld;
-#pragma omp simd
-    for (int64_t t = 0; t < lanes; ++t) {
-      const T g_p = g_over_denom[t] * p_row[t];
-      ds_row[t] = g_p * (r_row[t] - head_out[t]) * scale;
-      dr_row[t] = g_p;
+    if (probs != nullptr) {  // a text without a valid word has every word masked: rows of zeros
+      softmax_rows(s_j, r_j, ld, probs + j * L * out_ld, logit_grads + j * L * out_ld, out_ld, keep_j, L, bi, inv_den,
+                   head_out, scale);
     }
   }
 }
@@ -317,13 +294,16 @@ MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile,
     }
     for (int64_t c = 0; c < tile.bi; c += kLanes) {
       const T* g = grad + j * ld + c;
-      T den[kLanes], sum[kLanes], inv_denom[kLanes];
+      T den[kLanes], sum[kLanes], g_over_denom[kLanes], head_out[kLanes];
       text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
 #pragma omp simd
       for (int64_t t = 0; t < kLanes; ++t) {
-        inv_denom[t] = T(1) / den[t];
+        const T inv_denom = T(1) / den[t];
+        g_over_denom[t] = g[t] * inv_denom;
+        head_out[t] = sum[t] * inv_denom;
       }
-      text_gradients(s_j + c, r_j + c, ld, s_j + c, r_j + c, ld, keep_j, L, kLanes, g, inv_denom, scale);
+      // In place: dR over r, dS over the softmax.
+      softmax_rows(s_j + c, r_j + c, ld, r_j + c, s_j + c, ld, keep_j, L, kLanes, g_over_denom, head_out, scale);
     }
   }
 }
