@@ -49,25 +49,13 @@ def _text_head_out(
         p = tl.exp2(s * scale_log2 - m_scaled[:, None])
         den = tl.sum(p, axis=1)
         num = tl.sum(p * r, axis=1)
-    else:
-        m = tl.full((BLOCK_I,), NEG_INF, dtype=tl.float32)
-        den = tl.zeros((BLOCK_I,), dtype=tl.float32)
-        num = tl.zeros((BLOCK_I,), dtype=tl.float32)
-        for w0 in range(0, L, BLOCK_L):
-            words = w0 + offs_l
-            in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, text_ok, words, L, HAS_MASK)
-            k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
-            v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
-            s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-            r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_scaled = tl.where(m_new == NEG_INF, 0.0, m_new * scale_log2)
-            alpha = tl.exp2(m * scale_log2 - m_scaled)
-            p = tl.exp2(s * scale_log2 - m_scaled[:, None])
-            den = den * alpha + tl.sum(p, axis=1)
-            num = num * alpha + tl.sum(p * r, axis=1)
-            m = m_new
-    return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    else:  # longer texts: the online softmax over word chunks
+        _, _, head_out = _text_stats(
+            q, u, K_text, V_text, Mask_text, word_tile, text_ok, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
+            HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
+        )  # fmt: skip
+        return head_out
 
 
 @triton.autotune(configs=all_configs(FWD_TILES), key=AUTOTUNE_KEY, prune_configs_by=pruner(FWD_TILES, "fwd"))
@@ -133,18 +121,18 @@ def mscmat_scores_fwd_kernel(
 
 @triton.jit
 def _text_stats(
-    q, u, K_text, V_text, Mask_text, word_tile, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
+    q, u, K_text, V_text, Mask_text, word_tile, text_ok, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
     HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """Softmax statistics of BLOCK_I images against every word chunk of one long text and head: scaled shift,
-    1 / denominator and head output o, each [BLOCK_I] (see finalize)."""
+    1 / denominator and head output o, each [BLOCK_I] (see finalize); text_ok False makes every word invalid."""
     m = tl.full((BLOCK_I,), NEG_INF, dtype=tl.float32)
     den = tl.zeros((BLOCK_I,), dtype=tl.float32)
     num = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for w0 in range(0, L, BLOCK_L):
         words = w0 + offs_l
-        in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, True, words, L, HAS_MASK)
+        in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, text_ok, words, L, HAS_MASK)
         k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
         v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
         s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
@@ -222,7 +210,7 @@ def mscmat_scores_bwd_images_kernel(
         else:
             # Long texts: a first pass over the word chunks for the softmax statistics, a second for the grads.
             m_scaled, inv_den, head_out = _text_stats(
-                q, u, K_text, V_text, Mask_text, word_tile, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
+                q, u, K_text, V_text, Mask_text, word_tile, True, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
                 HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
             )  # fmt: skip
             for w0 in range(0, L, BLOCK_L):
@@ -296,7 +284,7 @@ def mscmat_scores_bwd_words_kernel(
             _, inv_den, head_out = finalize(m, tl.sum(e, axis=1), tl.sum(e * r, axis=1), scale_log2)
         else:
             m_scaled, inv_den, head_out = _text_stats(
-                q, u, K_text, V_text, Mask_text, word_tile, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
+                q, u, K_text, V_text, Mask_text, word_tile, True, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
                 HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
             )  # fmt: skip
             e = tl.exp2(s * scale_log2 - m_scaled[:, None])
