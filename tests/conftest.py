@@ -76,7 +76,9 @@ def check_only_asked_gradients(backward, grad, inputs):
         got = backward(grad, *inputs, list(asked))
         for name, needed, partial, complete in zip("qukv", asked, got, full):
             if needed:
-                torch.testing.assert_close(partial, complete, rtol=0, atol=0, msg=lambda m: f"d{name}, {asked}: {m}")
+                torch.testing.assert_close(
+                    partial, complete, rtol=0, atol=0, msg=lambda m, name=name, asked=asked: f"d{name}, {asked}: {m}"
+                )
             else:
                 assert partial.numel() == 0, f"d{name} was not asked for ({asked}) but has shape {partial.shape}"
     return full
@@ -92,6 +94,7 @@ def poison_masked_words(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
     poisoned_v[masked.nonzero()[::2].unbind(1)] = float("-inf")
     poisoned_v[masked.nonzero()[1::3].unbind(1)] = float("nan")
     return poisoned_k.requires_grad_(k.requires_grad), poisoned_v.requires_grad_(v.requires_grad)
+
 
 # --- Synthetic datasets (see tests/synthetic_data.py) ---------------------------------------------------------------
 
