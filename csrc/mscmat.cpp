@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "block_cache.h"
+
 TORCH_LIBRARY(msa, m) {
   // scores[i, j] = sum_h sum_l softmax_l(scale * <q[i,h], k[j,l,h]>) * <u[i,h], v[j,l,h]>
   // with the softmax over the words l where word_mask[j, l] is true (None: all words).
@@ -28,7 +30,31 @@ TORCH_LIBRARY(msa, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-// An empty module: importing msa._C runs the static registrations above.
+// Importing msa._C runs the static registrations above; the module itself only sizes the CPU block cache.
+namespace {
+
+PyObject* set_block_cache_limit(PyObject*, PyObject* arg) {
+  const long long max_bytes = PyLong_AsLongLong(arg);
+  if (max_bytes == -1 && PyErr_Occurred() != nullptr) {
+    return nullptr;
+  }
+  return PyLong_FromLongLong(msa::set_block_cache_limit(max_bytes));
+}
+
+PyObject* block_cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(msa::block_cache_bytes());
+}
+
+PyMethodDef methods[] = {
+    {"set_block_cache_limit", set_block_cache_limit, METH_O,
+     "set_block_cache_limit(max_bytes) -> int: the most bytes of freed blocks the CPU kernels hold for reuse; frees "
+     "the oldest above it and returns the bytes still held."},
+    {"block_cache_bytes", block_cache_bytes, METH_NOARGS, "block_cache_bytes() -> int: bytes of freed blocks held."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
@@ -36,7 +62,7 @@ PyObject* PyInit__C(void) {
       "_C",
       "Compiled kernels of msa, reached through torch.ops.msa.",
       -1,
-      nullptr,
+      methods,
   };
   return PyModule_Create(&module_def);
 }

@@ -35,6 +35,8 @@
 #include <limits>
 #include <vector>
 
+#include "block_cache.h"
+
 // The Fortran BLAS that torch links (MKL on x86-64 wheels) exports these. They are called directly because a
 // GEMM here is small (~10 MFLOP) and each at::mm_out costs tensor construction and a dispatch on top; weak, so
 // that a torch built without them still loads this module and takes the ATen path.
@@ -538,7 +540,7 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
   const auto parts_of = [&](const at::Tensor& full) {
     std::vector<at::Tensor> parts{full};
     for (int64_t c = 1; c < chunks && full.defined(); ++c) {
-      parts.push_back(at::empty_like(full));
+      parts.push_back(empty_from_block_cache(full.sizes(), full.scalar_type()));
     }
     std::vector<T*> pointers;
     for (auto& part : parts) {
@@ -629,7 +631,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_forward(const at::Tensor& 
   const std::vector<int64_t> saved_shape =
       keep_softmax ? std::vector<int64_t>{p.heads, p.num_texts, p.num_words, p.num_images} : std::vector<int64_t>{0};
   // Every element of probs and logit_grads is written by the tiles (0 at masked words and texts without one).
-  const auto make_saved = [&] { return has_work(p) ? at::empty(saved_shape, in.q.options()) : at::zeros(saved_shape, in.q.options()); };
+  const auto make_saved = [&] {
+    return has_work(p) ? empty_from_block_cache(saved_shape, in.q.scalar_type()) : at::zeros(saved_shape, in.q.options());
+  };
   at::Tensor probs = make_saved(), logit_grads = make_saved();
   if (has_work(p)) {
     AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "mscmat_scores_cpu", [&] {
@@ -664,7 +668,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
     if (!needed) {
       return at::Tensor();
     }
-    return any_work ? at::empty_like(like) : at::zeros_like(like);
+    return any_work ? empty_from_block_cache(like.sizes(), like.scalar_type()) : at::zeros_like(like);
   };
   Grads grads{make(needs[0], in.q), make(needs[1], in.u), make(needs[2], in.k), make(needs[3], in.v)};
   if (any_work && (needs[0] || needs[1] || needs[2] || needs[3])) {

@@ -11,7 +11,9 @@ import torch
 from conftest import check_only_asked_gradients, make_op_inputs, poison_masked_words
 
 from msa.ops import (
+    _extension,
     available_backends,
+    empty_cache,
     mscmat_scores,
     mscmat_scores_ref,
     resolve_backend,
@@ -321,6 +323,67 @@ def test_backward_writes_nothing_of_the_kept_softmax_size():
         and math.prod(event.input_shapes[0]) in large
     ]
     assert filled == []
+
+
+def cached_bytes() -> int:
+    return _extension.module().block_cache_bytes()
+
+
+@needs_cpu_kernel
+def test_freed_softmax_and_gradients_are_reused_not_aliased(saved_softmax_budget):
+    """The kept softmax and the word gradients (>= 1 MiB each here) come back to the next call once freed, are
+    never handed out twice while alive, and every element is rewritten: stale NaNs left in them do not leak."""
+    q, u, k, v, mask = make_op_inputs(64, 32, 16, 8, 64, mask_kind="random")
+    scale = 64**-0.5
+    grad = torch.randn(64, 32)
+    empty_cache()
+
+    def forward():
+        return torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, mask, scale, True)
+
+    def backward(probs, logit_grads):
+        return torch.ops.msa.mscmat_scores_for_grad_backward(
+            grad, q, u, k, v, mask, probs, logit_grads, scale, [True] * 4
+        )
+
+    scores, probs, logit_grads = forward()
+    grads = backward(probs, logit_grads)
+    block_bytes = probs.numel() * 4
+    assert block_bytes >= 2**20 and k.numel() * 4 >= 2**20
+    expected = [t.clone() for t in (scores, probs, logit_grads, *grads)]
+    addresses = {t.data_ptr() for t in (probs, logit_grads, grads[2], grads[3])}
+    for tensor in (probs, logit_grads, *grads):
+        tensor.fill_(float("nan"))
+    del probs, logit_grads, grads, tensor
+    assert cached_bytes() == 2 * block_bytes + 2 * k.numel() * 4
+
+    scores, probs, logit_grads = forward()
+    grads = backward(probs, logit_grads)
+    assert {t.data_ptr() for t in (probs, logit_grads, grads[2], grads[3])} == addresses
+    assert cached_bytes() == 0
+    for got, want in zip((scores, probs, logit_grads, *grads), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _, other_probs, other_logit_grads = forward()  # while the first ones live: fresh blocks
+    assert not addresses & {other_probs.data_ptr(), other_logit_grads.data_ptr()}
+
+    del scores, probs, logit_grads, grads, other_probs, other_logit_grads, got
+    held = cached_bytes()
+    assert held == 4 * block_bytes + 2 * k.numel() * 4
+    assert empty_cache() == held and cached_bytes() == 0
+
+
+@needs_cpu_kernel
+def test_block_cache_holds_at_most_the_budget(saved_softmax_budget):
+    q, u, k, v, mask = make_op_inputs(64, 32, 16, 8, 64, mask_kind="random")
+    block_bytes = 8 * 32 * 16 * 64 * 4
+    for budget, held in ((0, 0), (block_bytes, block_bytes), (2 * block_bytes - 1, block_bytes)):
+        empty_cache()
+        saved_softmax_budget(budget)
+        outputs = torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, mask, 0.125, True)
+        del outputs
+        assert cached_bytes() == held, budget
+    saved_softmax_budget(None)
+    assert cached_bytes() == block_bytes  # a larger limit frees nothing
 
 
 def test_saved_softmax_budget_rejects_negative_sizes():

@@ -3,6 +3,7 @@
 from msa.ops.mscmat import (
     available_backends,
     backend_available,
+    empty_cache,
     mscmat_scores,
     resolve_backend,
     saved_softmax_bytes,
@@ -13,6 +14,7 @@ from msa.ops.reference import mscmat_scores_ref
 __all__ = [
     "available_backends",
     "backend_available",
+    "empty_cache",
     "mscmat_scores",
     "mscmat_scores_ref",
     "resolve_backend",

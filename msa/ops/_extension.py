@@ -22,6 +22,11 @@ def _load() -> tuple[bool, str]:
 EXTENSION_LOADED, EXTENSION_ERROR = _load()
 
 
+def module():
+    """The loaded msa._C module (only when EXTENSION_LOADED)."""
+    return importlib.import_module("msa._C")
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether msa._C registered a kernel of msa::mscmat_scores for this device type ("cpu", "cuda")."""
     if not EXTENSION_LOADED:

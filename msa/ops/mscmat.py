@@ -21,6 +21,7 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # With gradients, the CPU kernel keeps the softmax p and p * (r - o) * scale of the forward ([H, Nt, L, Ni] each, in
 # float32) for the backward while both fit in this many bytes, and recomputes them tile by tile beyond it
 # (8 GEMM-sized products per forward + backward instead of 6). 512 MiB covers Ni = Nt = 400 at L = 32, H = 12.
+# The same number caps the memory the CPU kernel holds for reuse once freed (see empty_cache).
 # Set with set_saved_softmax_budget() or the MSA_SAVED_SOFTMAX_MB environment variable (read at import).
 DEFAULT_SAVED_SOFTMAX_BUDGET = 512 * 2**20
 
@@ -40,16 +41,40 @@ def _budget_from_environment() -> int:
     return int(megabytes * 2**20)
 
 
-_saved_softmax_budget = _budget_from_environment()
+def _apply_budget(num_bytes: int) -> None:
+    global _saved_softmax_budget
+    _saved_softmax_budget = num_bytes
+    if _extension.EXTENSION_LOADED:
+        _extension.module().set_block_cache_limit(num_bytes)
+
+
+_apply_budget(_budget_from_environment())
 
 
 def set_saved_softmax_budget(num_bytes: int | None) -> None:
     """Bytes the CPU backend may keep from forward to backward (softmax and readouts, ``8 * H * Ni * Nt * L`` in
-    float32); ``0`` always recomputes, ``None`` restores the default (or ``MSA_SAVED_SOFTMAX_MB``)."""
-    global _saved_softmax_budget
+    float32); ``0`` always recomputes, ``None`` restores the default (or ``MSA_SAVED_SOFTMAX_MB``).
+
+    The same number caps the memory the CPU backend holds once freed, for the next step to reuse (the kept softmax
+    and the word gradients of a training step; fresh pages from the system would cost a page fault each):
+    :func:`empty_cache` returns it to the system."""
     if num_bytes is not None and num_bytes < 0:
         raise ValueError(f"the saved softmax budget must be >= 0 bytes, got {num_bytes}")
-    _saved_softmax_budget = _budget_from_environment() if num_bytes is None else int(num_bytes)
+    _apply_budget(_budget_from_environment() if num_bytes is None else int(num_bytes))
+
+
+def empty_cache() -> int:
+    """Returns to the system the memory the CPU backend holds for reuse, and the number of bytes that was.
+
+    A training step on the CPU frees the softmax its forward kept and its word gradients once used; the CPU
+    backend holds such blocks (up to the saved-softmax budget) because the next step asks for the same sizes.
+    Call this when training is over and the memory is wanted elsewhere. A no-op without the compiled extension."""
+    if not _extension.EXTENSION_LOADED:
+        return 0
+    held = _extension.module().block_cache_bytes()
+    _extension.module().set_block_cache_limit(0)
+    _extension.module().set_block_cache_limit(_saved_softmax_budget)
+    return held
 
 
 def saved_softmax_bytes(q: torch.Tensor, k: torch.Tensor) -> int:
