@@ -256,7 +256,10 @@ def saved_softmax_budget():
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("budget", [0, 2**40], ids=["recompute", "keep-softmax"])
-@pytest.mark.parametrize("ni,nt,length,heads,head_dim", [(7, 97, 33, 12, 8), (130, 9, 30, 2, 64), (17, 5, 1, 3, 16)])
+@pytest.mark.parametrize(
+    "ni,nt,length,heads,head_dim",
+    [(7, 97, 33, 12, 8), (130, 9, 30, 2, 64), (17, 5, 1, 3, 16), (21, 11, 7, 2, 13), (300, 70, 9, 1, 20)],
+)
 def test_both_backward_paths_match_reference(saved_softmax_budget, budget, ni, nt, length, heads, head_dim):
     saved_softmax_budget(budget)
     q, u, k, v, mask = make_op_inputs(ni, nt, length, heads, head_dim, requires_grad=True)
