@@ -25,7 +25,16 @@ struct Block {
 
 class BlockCache final : public c10::Allocator {
  public:
+  // Never destroyed: tensors of the cache may be freed during interpreter shutdown, after static destructors ran.
+  static BlockCache& instance() {
+    static auto* cache = new BlockCache();
+    return *cache;
+  }
+
   c10::DataPtr allocate(size_t bytes) override {
+    if (bytes == 0) {  // a storage resized to nothing: no block to hold
+      return {nullptr, nullptr, nullptr, c10::Device(c10::DeviceType::CPU)};
+    }
     Block block = take(bytes);
     if (block.data == nullptr) {
       block = {c10::alloc_cpu(bytes), bytes};
@@ -113,14 +122,6 @@ class BlockCache final : public c10::Allocator {
     }
   }
 
- public:
-  // Never destroyed: tensors of the cache may be freed during interpreter shutdown, after static destructors ran.
-  static BlockCache& instance() {
-    static auto* cache = new BlockCache();
-    return *cache;
-  }
-
- private:
   std::mutex mutex_;
   std::vector<Block> free_;
   size_t held_ = 0;

@@ -389,6 +389,16 @@ def test_block_cache_holds_at_most_the_budget(saved_softmax_budget):
     assert cached_bytes() == block_bytes  # a larger limit frees nothing
 
 
+@needs_cpu_kernel
+def test_cached_tensors_resize_like_any_other():
+    q, u, k, v, mask = make_op_inputs(64, 32, 16, 8, 64, mask_kind="random")
+    _, probs, _ = torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, mask, 0.125, True)
+    before = probs.flatten().clone()
+    probs.resize_(2 * before.numel())  # a new block from the cache's allocator, the data copied over
+    assert torch.equal(probs[: before.numel()], before)
+    probs.resize_(0)
+
+
 def test_saved_softmax_budget_rejects_negative_sizes():
     with pytest.raises(ValueError, match="budget must be >= 0"):
         set_saved_softmax_budget(-1)
