@@ -8,8 +8,9 @@
 // logits and readouts are two GEMMs computed TRANSPOSED, S^T = K_h (scale Q_h)^T and R^T = V_h U_h^T, each
 // [bj * L, bi]: a text's words are rows and the images are contiguous columns. The masked softmax then runs
 // down the L rows of a text with the images as vector lanes, so the max, the denominator and the weighted sum
-// are plain vertical vector operations (no horizontal reductions per (image, text) pair), a masked word is one
-// skipped row, and everything happens while the tile is in L2. Nothing of size Ni * Nt * L is allocated unless
+// are plain vertical vector operations (no horizontal reductions per (image, text) pair), and everything happens
+// while the tile is in L2. Only valid words get a row: the products shrink with the padding (captions padded to
+// 31 tokens are ~55% padding), and a masked word's k and v are never read, whatever they hold. Nothing of size Ni * Nt * L is allocated unless
 // the caller asks to keep the softmax: the scratch is bi * bj * L per thread.
 //
 // Backward turns the tile in place into
@@ -222,30 +223,44 @@ void transpose_block(const T* src, int64_t rows, int64_t cols, int64_t src_ld, T
   }
 }
 
-// Shapes of one call, and of one tile: the transposed scratch is [bj * L rows, ld] with ld = bi rounded up to
-// kLanes; `keep` points at the tile's first text ([bj, L], 1 = valid word), `has_words` says which texts have one.
+// One tile: bi images x bj texts of num_words positions each. Only the valid words get a row in the tile's
+// products ([rows, ld] with ld = bi rounded up to kLanes): text j's rows are first_row(j) .. + num_rows(j), and
+// words(j)[r] is the position l of its r-th row. row_begin and word_of are the call's lists (Inputs), row_begin
+// offset to the tile's first text.
 struct TileShape {
   int64_t bi, bj, num_words, ld;
   double scale;
-  const void* keep;
-  const uint8_t* has_words;
+  const int64_t* row_begin;  // [bj + 1]
+  const int32_t* word_of;    // indexed by the call's row numbers
+
+  int64_t rows() const {
+    return row_begin[bj] - row_begin[0];
+  }
+  int64_t first_row(int64_t j) const {
+    return row_begin[j] - row_begin[0];
+  }
+  int64_t num_rows(int64_t j) const {
+    return row_begin[j + 1] - row_begin[j];
+  }
+  const int32_t* words(int64_t j) const {
+    return word_of + row_begin[j];
+  }
+  // Every word valid: the products can read the words' keys and values in place.
+  bool all_words() const {
+    return rows() == bj * num_words;
+  }
 };
 
-// The masked softmax of one text for kLanes images: returns the denominator sum_l e_l and the weighted sum
-// sum_l e_l r_l with e_l = exp(s_l - max), over the valid words only (s already holds scale * <q, k>). kStore
-// writes e over s.
-// A NaN logit makes its images' sums NaN (the max skips it, the exp does not), as torch's softmax does.
+// The softmax of one text for kLanes images over its num_rows valid words: returns the denominator sum_l e_l and
+// the weighted sum sum_l e_l r_l with e_l = exp(s_l - max) (s already holds scale * <q, k>). kStore writes e over
+// s. A NaN logit makes its images' sums NaN (the max skips it, the exp does not), as torch's softmax does.
 template <typename T, bool kStore>
-MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep, int64_t num_words, T* denom,
-                                    T* weighted) {
+MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, int64_t num_rows, T* denom, T* weighted) {
   T row_max[kLanes];
   for (int64_t t = 0; t < kLanes; ++t) {
     row_max[t] = -std::numeric_limits<T>::infinity();
   }
-  for (int64_t l = 0; l < num_words; ++l) {
-    if (keep[l] == T(0)) {
-      continue;
-    }
+  for (int64_t l = 0; l < num_rows; ++l) {
     const T* s_row = s + l * ld;
 #pragma omp simd
     for (int64_t t = 0; t < kLanes; ++t) {
@@ -253,10 +268,7 @@ MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep,
     }
   }
   T den[kLanes] = {}, sum[kLanes] = {};
-  for (int64_t l = 0; l < num_words; ++l) {
-    if (keep[l] == T(0)) {
-      continue;
-    }
+  for (int64_t l = 0; l < num_rows; ++l) {
     T* s_row = s + l * ld;
     const T* r_row = r + l * ld;
 #pragma omp simd
@@ -274,24 +286,20 @@ MSA_ALWAYS_INLINE void text_softmax(T* s, const T* r, int64_t ld, const T* keep,
 }
 
 // What a text's softmax feeds, row by row for n images side by side: weight = factor e and
-// weighted = weight (r - o) scale at valid words, 0 at masked ones, from the unnormalised softmax e and the
-// readouts r (row stride in_ld) into rows of stride out_ld. factor = 1 / denominator gives p and p (r - o) scale,
-// what the forward keeps; factor = g / denominator gives dR and dS. Each element is read before it is written,
-// so the outputs may be the inputs.
+// weighted = weight (r - o) scale, from the unnormalised softmax e and the readouts r (row stride in_ld) into
+// rows of stride out_ld: row out_rows[k] for input row k, or row k without out_rows. factor = 1 / denominator
+// gives p and p (r - o) scale, what the forward keeps; factor = g / denominator gives dR and dS. Each element is
+// read before it is written, so the outputs may be the inputs.
 template <typename T>
 MSA_ALWAYS_INLINE void softmax_rows(const T* e, const T* r, int64_t in_ld, T* weight, T* weighted, int64_t out_ld,
-                                    const T* keep, int64_t num_words, int64_t n, const T* factor, const T* head_out,
-                                    T scale) {
-  for (int64_t l = 0; l < num_words; ++l) {
-    T* weight_row = weight + l * out_ld;
-    T* weighted_row = weighted + l * out_ld;
-    if (keep[l] == T(0)) {
-      std::fill(weight_row, weight_row + n, T(0));
-      std::fill(weighted_row, weighted_row + n, T(0));
-      continue;
-    }
-    const T* e_row = e + l * in_ld;
-    const T* r_row = r + l * in_ld;
+                                    const int32_t* out_rows, int64_t num_rows, int64_t n, const T* factor,
+                                    const T* head_out, T scale) {
+  for (int64_t k = 0; k < num_rows; ++k) {
+    const int64_t out_row = out_rows == nullptr ? k : out_rows[k];
+    T* weight_row = weight + out_row * out_ld;
+    T* weighted_row = weighted + out_row * out_ld;
+    const T* e_row = e + k * in_ld;
+    const T* r_row = r + k * in_ld;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const T w = factor[i] * e_row[i];
@@ -302,28 +310,43 @@ MSA_ALWAYS_INLINE void softmax_rows(const T* e, const T* r, int64_t in_ld, T* we
   }
 }
 
+// Zeroes the rows of a text's kept p and a (num_words rows of stride out_ld, n images) at its masked words: the
+// positions missing from the ascending list words[0 .. num_rows).
+template <typename T>
+MSA_ALWAYS_INLINE void zero_masked_rows(T* probs, T* logit_grads, int64_t out_ld, const int32_t* words,
+                                        int64_t num_rows, int64_t num_words, int64_t n) {
+  for (int64_t l = 0, k = 0; l < num_words; ++l) {
+    if (k < num_rows && words[k] == l) {
+      ++k;
+      continue;
+    }
+    std::fill(probs + l * out_ld, probs + l * out_ld + n, T(0));
+    std::fill(logit_grads + l * out_ld, logit_grads + l * out_ld + n, T(0));
+  }
+}
+
 // Forward epilogue of one tile and head: acc[j, i] += sum_l softmax(S)[l, i] R[l, i] for every text j of the
-// tile. With `probs`/`logit_grads` (row stride out_ld) it also writes there what the backward needs, 0 at masked
-// words: p and a = p (r - o) scale, so that dS = g a and dR = g p. Those are written a whole row of images at a
-// time, once the softmax of every lane group is known: full rows stream to memory, strided pieces would not.
+// tile. With `probs`/`logit_grads` ([bj, L] rows of stride out_ld) it also writes there what the backward needs, 0
+// at masked words: p and a = p (r - o) scale, so that dS = g a and dR = g p. Those are written a whole row of
+// images at a time, once the softmax of every lane group is known: full rows stream to memory, strided pieces
+// would not.
 template <typename T>
 MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& tile, T* acc, T* probs,
                                              T* logit_grads, int64_t out_ld) {
   const int64_t L = tile.num_words, ld = tile.ld, bi = tile.bi;
   const T scale = static_cast<T>(tile.scale);
-  const T* keep = static_cast<const T*>(tile.keep);
   T inv_den[kMaxImageBlock], head_out[kMaxImageBlock];  // per image of text j: 1 / denominator and o
   for (int64_t j = 0; j < tile.bj; ++j) {
-    const T* keep_j = keep + j * L;
-    T* s_j = s + j * L * ld;
-    const T* r_j = r + j * L * ld;
-    if (tile.has_words[j]) {
+    const int64_t num_rows = tile.num_rows(j);
+    T* s_j = s + tile.first_row(j) * ld;
+    const T* r_j = r + tile.first_row(j) * ld;
+    if (num_rows > 0) {  // a text without a valid word scores 0 (and keeps rows of zeros)
       for (int64_t c = 0; c < bi; c += kLanes) {
         T den[kLanes], sum[kLanes];
         if (probs != nullptr) {
-          text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
+          text_softmax<T, true>(s_j + c, r_j + c, ld, num_rows, den, sum);
         } else {
-          text_softmax<T, false>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
+          text_softmax<T, false>(s_j + c, r_j + c, ld, num_rows, den, sum);
         }
         T* acc_j = acc + j * ld + c;
 #pragma omp simd
@@ -340,37 +363,35 @@ MSA_ALWAYS_INLINE void forward_epilogue_impl(T* s, const T* r, const TileShape& 
         }
       }
     }
-    if (probs != nullptr) {  // a text without a valid word has every word masked: rows of zeros
-      softmax_rows(s_j, r_j, ld, probs + j * L * out_ld, logit_grads + j * L * out_ld, out_ld, keep_j, L, bi, inv_den,
-                   head_out, scale);
+    if (probs != nullptr) {
+      T* probs_j = probs + j * L * out_ld;
+      T* logit_grads_j = logit_grads + j * L * out_ld;
+      softmax_rows(s_j, r_j, ld, probs_j, logit_grads_j, out_ld, tile.words(j), num_rows, bi, inv_den, head_out,
+                   scale);
+      zero_masked_rows(probs_j, logit_grads_j, out_ld, tile.words(j), num_rows, L, bi);
     }
   }
 }
 
 // Backward epilogue of one tile and head: s and r become dS^T and dR^T in place. `grad` is the tile's
-// gradient transposed, [bj, ld]. With `probs`/`logit_grads` (the forward's saved p and a, row stride saved_ld)
-// s and r are only written, never read: dS = g a, dR = g p.
+// gradient transposed, [bj, ld]. With `probs`/`logit_grads` (the forward's saved p and a, [bj, L] rows of stride
+// saved_ld) s and r are only written, never read: dS = g a, dR = g p.
 template <typename T>
 MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile, T scale, const T* grad,
                                               const T* probs, const T* logit_grads, int64_t saved_ld) {
   const int64_t L = tile.num_words, ld = tile.ld;
-  const T* keep = static_cast<const T*>(tile.keep);
   for (int64_t j = 0; j < tile.bj; ++j) {
-    const T* keep_j = keep + j * L;
-    T* s_j = s + j * L * ld;
-    T* r_j = r + j * L * ld;
-    if (!tile.has_words[j]) {
-      std::fill(s_j, s_j + L * ld, T(0));
-      std::fill(r_j, r_j + L * ld, T(0));
-      continue;
-    }
+    const int64_t num_rows = tile.num_rows(j);
+    T* s_j = s + tile.first_row(j) * ld;
+    T* r_j = r + tile.first_row(j) * ld;
     if (probs != nullptr) {  // whole rows of images: the saved p and a stream in
       const T* g = grad + j * ld;
-      for (int64_t l = 0; l < L; ++l) {
-        const T* p_row = probs + (j * L + l) * saved_ld;
-        const T* a_row = logit_grads + (j * L + l) * saved_ld;
-        T* ds_row = s_j + l * ld;
-        T* dr_row = r_j + l * ld;
+      const int32_t* words = tile.words(j);
+      for (int64_t k = 0; k < num_rows; ++k) {
+        const T* p_row = probs + (j * L + words[k]) * saved_ld;
+        const T* a_row = logit_grads + (j * L + words[k]) * saved_ld;
+        T* ds_row = s_j + k * ld;
+        T* dr_row = r_j + k * ld;
 #pragma omp simd
         for (int64_t i = 0; i < tile.bi; ++i) {
           ds_row[i] = g[i] * a_row[i];
@@ -379,10 +400,13 @@ MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile,
       }
       continue;
     }
+    if (num_rows == 0) {
+      continue;
+    }
     for (int64_t c = 0; c < tile.bi; c += kLanes) {
       const T* g = grad + j * ld + c;
       T den[kLanes], sum[kLanes], g_over_denom[kLanes], head_out[kLanes];
-      text_softmax<T, true>(s_j + c, r_j + c, ld, keep_j, L, den, sum);
+      text_softmax<T, true>(s_j + c, r_j + c, ld, num_rows, den, sum);
 #pragma omp simd
       for (int64_t t = 0; t < kLanes; ++t) {
         const T inv_denom = T(1) / den[t];
@@ -390,7 +414,8 @@ MSA_ALWAYS_INLINE void backward_epilogue_impl(T* s, T* r, const TileShape& tile,
         head_out[t] = sum[t] * inv_denom;
       }
       // In place: dR over r, dS over the softmax.
-      softmax_rows(s_j + c, r_j + c, ld, r_j + c, s_j + c, ld, keep_j, L, kLanes, g_over_denom, head_out, scale);
+      softmax_rows(s_j + c, r_j + c, ld, r_j + c, s_j + c, ld, nullptr, num_rows, kLanes, g_over_denom, head_out,
+                   scale);
     }
   }
 }
@@ -462,27 +487,16 @@ inline void choose_tiles(const Problem& p, int64_t& image_block, int64_t& text_b
 }
 
 struct Inputs {
-  at::Tensor q, u, k, v, keep;  // keep: [Nt, L] in the compute dtype, 1 = valid word
-  at::Tensor q_logits;          // scale * q, head-major: the logits' GEMM then needs no epilogue multiply
+  at::Tensor q, u, k, v;  // q, u head-major [H, Ni, Dh]; k, v contiguous [Nt, L, H, Dh]
+  at::Tensor q_logits;    // scale * q, head-major: the logits' GEMM then needs no epilogue multiply
   double scale;
-  std::vector<int64_t> masked_words;  // j * L + l of every masked word (backward inputs only)
-  std::vector<uint8_t> has_words;
+  // The valid words, numbered text by text: text j's are rows row_begin[j] .. row_begin[j + 1], word_of[row] the
+  // position l of each. Masked words get no row: no product reads their k and v, whatever they hold.
+  std::vector<int64_t> row_begin;
+  std::vector<int32_t> word_of;
+  std::vector<int64_t> masked_words;  // j * L + l of every masked word
   Problem p;
 };
-
-// Whether rows[r] * row_size .. + row_size of data all hold finite values (x - x is 0 exactly for those).
-template <typename T>
-bool rows_finite(const T* data, const std::vector<int64_t>& rows, int64_t row_size) {
-  T nan_if_not = 0;
-  for (const int64_t row : rows) {
-    const T* values = data + row * row_size;
-#pragma omp simd reduction(+ : nan_if_not)
-    for (int64_t e = 0; e < row_size; ++e) {
-      nan_if_not += values[e] - values[e];
-    }
-  }
-  return nan_if_not == T(0);
-}
 
 template <typename T>
 void zero_rows(T* data, const std::vector<int64_t>& rows, int64_t row_size) {
@@ -491,11 +505,9 @@ void zero_rows(T* data, const std::vector<int64_t>& rows, int64_t row_size) {
   }
 }
 
-// Compute-dtype inputs (q, u head-major [H, Ni, Dh]; k, v contiguous [Nt, L, H, Dh]) and the word mask as 0/1
-// in the compute dtype, never null. For the backward (zero_masked_words) k and v read as zero at masked words:
-// the gradient GEMMs multiply them by dS = 0 there, and 0 * NaN would leak into dq and du.
+// Inputs in the compute dtype and layout, and the word lists of the mask (None: every word valid).
 Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
-               const std::optional<at::Tensor>& word_mask, double scale, bool zero_masked_words) {
+               const std::optional<at::Tensor>& word_mask, double scale) {
   TORCH_CHECK(q.dim() == 3 && u.sizes() == q.sizes(), "msa::mscmat_scores: q and u must be [Ni, H, Dh]");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "msa::mscmat_scores: k and v must be [Nt, L, H, Dh]");
   TORCH_CHECK(k.size(2) == q.size(1) && k.size(3) == q.size(2), "msa::mscmat_scores: H and Dh of q and k differ");
@@ -516,34 +528,20 @@ Inputs prepare(const at::Tensor& q, const at::Tensor& u, const at::Tensor& k, co
   if (word_mask.has_value()) {
     TORCH_CHECK(word_mask->dim() == 2 && word_mask->size(0) == in.p.num_texts && word_mask->size(1) == in.p.num_words,
                 "msa::mscmat_scores: word_mask must be [Nt, L]");
-    valid = (*word_mask != 0).contiguous();
-    in.keep = valid.to(compute);
-  } else {
-    valid = at::ones({in.p.num_texts, in.p.num_words}, q.options().dtype(at::kBool));
-    in.keep = at::ones({in.p.num_texts, in.p.num_words}, q.options().dtype(compute));
+    valid = (*word_mask != 0).to(at::kCPU).contiguous();
   }
-  const at::Tensor text_has_words = in.p.num_words > 0 ? valid.any(1).to(at::kByte).contiguous()
-                                                       : at::zeros({in.p.num_texts}, valid.options().dtype(at::kByte));
-  const uint8_t* flags = text_has_words.data_ptr<uint8_t>();
-  in.has_words.assign(flags, flags + in.p.num_texts);
-  if (zero_masked_words && word_mask.has_value()) {
-    const bool* is_valid = valid.data_ptr<bool>();
-    for (int64_t word = 0; word < valid.numel(); ++word) {
-      if (!is_valid[word]) {
-        in.masked_words.push_back(word);
+  const bool* is_valid = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  in.row_begin.reserve(in.p.num_texts + 1);
+  in.row_begin.push_back(0);
+  for (int64_t j = 0; j < in.p.num_texts; ++j) {
+    for (int64_t l = 0; l < in.p.num_words; ++l) {
+      if (is_valid == nullptr || is_valid[j * in.p.num_words + l]) {
+        in.word_of.push_back(static_cast<int32_t>(l));
+      } else {
+        in.masked_words.push_back(j * in.p.num_words + l);
       }
     }
-    // Finite values there are left in place (0 times them is 0), so k and v are copied only when a masked
-    // word holds inf or NaN, which is rare.
-    const int64_t row_size = in.p.heads * in.p.head_dim;
-    for (at::Tensor* words : {&in.k, &in.v}) {
-      AT_DISPATCH_FLOATING_TYPES(words->scalar_type(), "mscmat_scores_cpu", [&] {
-        if (!rows_finite(words->data_ptr<scalar_t>(), in.masked_words, row_size)) {
-          *words = words->clone();
-          zero_rows(words->data_ptr<scalar_t>(), in.masked_words, row_size);
-        }
-      });
-    }
+    in.row_begin.push_back(static_cast<int64_t>(in.word_of.size()));
   }
   return in;
 }
@@ -554,6 +552,53 @@ struct Saved {
   void* probs = nullptr;
   void* logit_grads = nullptr;
 };
+
+// One head's keys (or values) of a tile's valid words as the A operand of its products, [rows, Dh] with row
+// stride *ld: read in place when every word is valid, else packed into `packed` row by row.
+template <typename T>
+const T* tile_words(const T* words, const Problem& p, const TileShape& tile, int64_t j0, int64_t h, T* packed,
+                    int64_t* ld) {
+  const int64_t D = p.head_dim, word_stride = p.heads * D, L = p.num_words;
+  const T* first = words + j0 * L * word_stride + h * D;
+  if (tile.all_words()) {
+    *ld = word_stride;
+    return first;
+  }
+  *ld = D;
+  for (int64_t j = 0; j < tile.bj; ++j) {
+    const int32_t* positions = tile.words(j);
+    T* out = packed + tile.first_row(j) * D;
+    for (int64_t k = 0; k < tile.num_rows(j); ++k) {
+      std::copy_n(first + (j * L + positions[k]) * word_stride, D, out + k * D);
+    }
+  }
+  return packed;
+}
+
+// The rows of a tile's word gradient ([rows, Dh], packed) written (or added, with `add`) to their words'
+// rows of one head of dk or dv ([Nt, L, H, Dh]); the inverse of tile_words.
+template <typename T>
+void scatter_word_rows(const T* packed, const Problem& p, const TileShape& tile, int64_t j0, int64_t h, bool add,
+                       T* grad) {
+  const int64_t D = p.head_dim, word_stride = p.heads * D, L = p.num_words;
+  T* first = grad + j0 * L * word_stride + h * D;
+  for (int64_t j = 0; j < tile.bj; ++j) {
+    const int32_t* positions = tile.words(j);
+    const T* rows = packed + tile.first_row(j) * D;
+    for (int64_t k = 0; k < tile.num_rows(j); ++k) {
+      T* out = first + (j * L + positions[k]) * word_stride;
+      const T* row = rows + k * D;
+      if (add) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          out[d] += row[d];
+        }
+      } else {
+        std::copy_n(row, D, out);
+      }
+    }
+  }
+}
 
 // One image tile of one head, turned into the B operands of the tile's products: (scale q)^T and u^T, [Dh, bi]
 // with row stride ld.
@@ -571,27 +616,32 @@ void forward_impl(const Inputs& in, T* out, const Saved& saved) {
   choose_tiles(p, image_block, text_block);
   const int64_t image_tiles = (p.num_images + image_block - 1) / image_block;
   const int64_t text_tiles = (p.num_texts + text_block - 1) / text_block;
-  const T *k = in.k.data_ptr<T>(), *v = in.v.data_ptr<T>(), *keep = in.keep.data_ptr<T>();
-  const int64_t L = p.num_words, D = p.head_dim, word_stride = p.heads * D;
-  const int64_t max_ld = round_up(image_block, kLanes);
+  const T *k = in.k.data_ptr<T>(), *v = in.v.data_ptr<T>();
+  const int64_t L = p.num_words, D = p.head_dim;
+  const int64_t max_ld = round_up(image_block, kLanes), max_rows = text_block * L;
   T* probs = static_cast<T*>(saved.probs);
   T* logit_grads = static_cast<T*>(saved.logit_grads);
 
   for_each_item(image_tiles * text_tiles, [&] {
-    return [&, logits = std::vector<T>(text_block * L * max_ld), reads = std::vector<T>(text_block * L * max_ld),
+    return [&, logits = std::vector<T>(max_rows * max_ld), reads = std::vector<T>(max_rows * max_ld),
             acc = std::vector<T>(text_block * max_ld), q_t = std::vector<T>(D * max_ld),
-            u_t = std::vector<T>(D * max_ld)](int64_t tile_index) mutable {
+            u_t = std::vector<T>(D * max_ld), keys = std::vector<T>(max_rows * D),
+            values = std::vector<T>(max_rows * D)](int64_t tile_index) mutable {
       // Text-major order: consecutive tiles of a thread share their text tile, so its k and v (the large
       // operands at test-split sizes) come from cache for every image tile after the first.
       const int64_t j0 = (tile_index / image_tiles) * text_block, i0 = (tile_index % image_tiles) * image_block;
       const int64_t bi = std::min(image_block, p.num_images - i0), bj = std::min(text_block, p.num_texts - j0);
-      const TileShape tile{bi, bj, L, round_up(bi, kLanes), in.scale, keep + j0 * L, in.has_words.data() + j0};
+      const TileShape tile{bi, bj, L, round_up(bi, kLanes), in.scale, in.row_begin.data() + j0, in.word_of.data()};
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t h = 0; h < p.heads; ++h) {
-        const int64_t word_offset = j0 * L * word_stride + h * D;
-        image_columns(in, h, i0, bi, tile.ld, q_t.data(), u_t.data());
-        gemm_nn(bj * L, bi, D, k + word_offset, word_stride, q_t.data(), tile.ld, false, logits.data(), tile.ld);
-        gemm_nn(bj * L, bi, D, v + word_offset, word_stride, u_t.data(), tile.ld, false, reads.data(), tile.ld);
+        if (tile.rows() > 0) {
+          int64_t keys_ld, values_ld;
+          const T* tile_keys = tile_words(k, p, tile, j0, h, keys.data(), &keys_ld);
+          const T* tile_values = tile_words(v, p, tile, j0, h, values.data(), &values_ld);
+          image_columns(in, h, i0, bi, tile.ld, q_t.data(), u_t.data());
+          gemm_nn(tile.rows(), bi, D, tile_keys, keys_ld, q_t.data(), tile.ld, false, logits.data(), tile.ld);
+          gemm_nn(tile.rows(), bi, D, tile_values, values_ld, u_t.data(), tile.ld, false, reads.data(), tile.ld);
+        }
         const int64_t saved_offset = (h * p.num_texts + j0) * L * p.num_images + i0;
         forward_epilogue(logits.data(), reads.data(), tile, acc.data(),
                          probs == nullptr ? nullptr : probs + saved_offset,
@@ -618,10 +668,9 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
   choose_tiles(p, image_block, text_block);
   const int64_t L = p.num_words, D = p.head_dim, word_stride = p.heads * D;
   const T *q = in.q.data_ptr<T>(), *u = in.u.data_ptr<T>(), *k = in.k.data_ptr<T>(), *v = in.v.data_ptr<T>();
-  const T* keep = in.keep.data_ptr<T>();
   const T* probs = static_cast<const T*>(saved.probs);
   const T* logit_grads = static_cast<const T*>(saved.logit_grads);
-  const int64_t max_ld = round_up(image_block, kLanes);
+  const int64_t max_ld = round_up(image_block, kLanes), max_rows = text_block * L;
 
   // Split the images into chunks only when there are fewer heads than threads; each extra chunk then
   // accumulates dk and dv into a private buffer, summed at the end.
@@ -647,10 +696,12 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
   T* du = grads.du.defined() ? grads.du.data_ptr<T>() : nullptr;
 
   for_each_item(p.heads * chunks, [&] {
-    return [&, ds = std::vector<T>(text_block * L * max_ld), dr = std::vector<T>(text_block * L * max_ld),
+    return [&, ds = std::vector<T>(max_rows * max_ld), dr = std::vector<T>(max_rows * max_ld),
             grad_t = std::vector<T>(text_block * max_ld), q_t = std::vector<T>(D * max_ld),
-            u_t = std::vector<T>(D * max_ld), words_t = std::vector<T>(D * text_block * L),
-            dq_t = std::vector<T>(D * max_ld), du_t = std::vector<T>(D * max_ld)](int64_t item) mutable {
+            u_t = std::vector<T>(D * max_ld), keys = std::vector<T>(max_rows * D),
+            values = std::vector<T>(max_rows * D), words_t = std::vector<T>(D * max_rows),
+            word_grads = std::vector<T>(max_rows * D), dq_t = std::vector<T>(D * max_ld),
+            du_t = std::vector<T>(D * max_ld)](int64_t item) mutable {
       const int64_t h = item / chunks, chunk = item % chunks;
       const int64_t first_image = chunk * tiles_per_chunk * image_block;
       const int64_t end_image = std::min(p.num_images, (chunk + 1) * tiles_per_chunk * image_block);
@@ -660,52 +711,72 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
         if (probs == nullptr) {
           image_columns(in, h, i0, bi, ld, q_t.data(), u_t.data());
         }
+        bool image_sums_started = false;  // dq_t and du_t hold a first product
         for (int64_t j0 = 0; j0 < p.num_texts; j0 += text_block) {
-          const int64_t bj = std::min(text_block, p.num_texts - j0), word_offset = j0 * L * word_stride + h * D;
-          const int64_t rows = bj * L;
-          const TileShape tile{bi, bj, L, ld, in.scale, keep + j0 * L, in.has_words.data() + j0};
+          const int64_t bj = std::min(text_block, p.num_texts - j0);
+          const TileShape tile{bi, bj, L, ld, in.scale, in.row_begin.data() + j0, in.word_of.data()};
+          const int64_t rows = tile.rows();
+          if (rows == 0) {  // no valid word: no gradient flows through these texts
+            continue;
+          }
           for (int64_t j = 0; j < bj; ++j) {
             for (int64_t i = 0; i < bi; ++i) {
               grad_t[j * ld + i] = grad[(i0 + i) * p.num_texts + j0 + j];
             }
           }
+          int64_t keys_ld, values_ld;
+          const T* tile_keys = tile_words(k, p, tile, j0, h, keys.data(), &keys_ld);
+          const T* tile_values = tile_words(v, p, tile, j0, h, values.data(), &values_ld);
           const T *tile_probs = nullptr, *tile_logit_grads = nullptr;
           if (probs != nullptr) {
             const int64_t saved_offset = (h * p.num_texts + j0) * L * p.num_images + i0;
             tile_probs = probs + saved_offset;
             tile_logit_grads = logit_grads + saved_offset;
           } else {
-            gemm_nn(rows, bi, D, k + word_offset, word_stride, q_t.data(), ld, false, ds.data(), ld);
-            gemm_nn(rows, bi, D, v + word_offset, word_stride, u_t.data(), ld, false, dr.data(), ld);
+            gemm_nn(rows, bi, D, tile_keys, keys_ld, q_t.data(), ld, false, ds.data(), ld);
+            gemm_nn(rows, bi, D, tile_values, values_ld, u_t.data(), ld, false, dr.data(), ld);
           }
           backward_epilogue(ds.data(), dr.data(), tile, scale, grad_t.data(), tile_probs, tile_logit_grads,
                             p.num_images);
           // dq and du of the image tile are summed over the text tiles transposed, [Dh, bi], from the words'
-          // keys (values) turned into [Dh, bj L]; dk and dv take dS and dR as they are. The first product into
+          // keys (values) turned into [Dh, rows]; dk and dv take dS and dR as they are. The first product into
           // each sum overwrites it: the gradients start uninitialised (NaN included).
           if (dq != nullptr) {
-            transpose_block(k + word_offset, rows, D, word_stride, words_t.data(), rows);
-            gemm_nn(D, bi, rows, words_t.data(), rows, ds.data(), ld, j0 != 0, dq_t.data(), ld);
+            transpose_block(tile_keys, rows, D, keys_ld, words_t.data(), rows);
+            gemm_nn(D, bi, rows, words_t.data(), rows, ds.data(), ld, image_sums_started, dq_t.data(), ld);
           }
           if (du != nullptr) {
-            transpose_block(v + word_offset, rows, D, word_stride, words_t.data(), rows);
-            gemm_nn(D, bi, rows, words_t.data(), rows, dr.data(), ld, j0 != 0, du_t.data(), ld);
+            transpose_block(tile_values, rows, D, values_ld, words_t.data(), rows);
+            gemm_nn(D, bi, rows, words_t.data(), rows, dr.data(), ld, image_sums_started, du_t.data(), ld);
           }
+          image_sums_started = true;
           const bool add_to_words = i0 != first_image;
-          if (dk_ptrs[0] != nullptr) {
-            gemm_nn(rows, D, bi, ds.data(), ld, q + image_offset, D, add_to_words, dk_ptrs[chunk] + word_offset,
-                    word_stride);
-          }
-          if (dv_ptrs[0] != nullptr) {
-            gemm_nn(rows, D, bi, dr.data(), ld, u + image_offset, D, add_to_words, dv_ptrs[chunk] + word_offset,
-                    word_stride);
+          const std::array<std::pair<const T*, T*>, 2> word_products{
+              std::make_pair(ds.data(), dk_ptrs[chunk]), std::make_pair(dr.data(), dv_ptrs[chunk])};
+          const std::array<const T*, 2> image_operands{q + image_offset, u + image_offset};
+          for (int64_t which = 0; which < 2; ++which) {
+            const auto [weights, word_grad] = word_products[which];
+            if (word_grad == nullptr) {
+              continue;
+            }
+            if (tile.all_words()) {  // straight into dk (dv)
+              gemm_nn(rows, D, bi, weights, ld, image_operands[which], D, add_to_words,
+                      word_grad + j0 * L * word_stride + h * D, word_stride);
+            } else {
+              gemm_nn(rows, D, bi, weights, ld, image_operands[which], D, false, word_grads.data(), D);
+              scatter_word_rows(word_grads.data(), p, tile, j0, h, add_to_words, word_grad);
+            }
           }
         }
-        if (dq != nullptr) {
-          transpose_block(dq_t.data(), D, bi, ld, dq + image_offset, D);
-        }
-        if (du != nullptr) {
-          transpose_block(du_t.data(), D, bi, ld, du + image_offset, D);
+        for (auto [sum, image_grad] : {std::make_pair(dq_t.data(), dq), std::make_pair(du_t.data(), du)}) {
+          if (image_grad == nullptr) {
+            continue;
+          }
+          if (image_sums_started) {
+            transpose_block(sum, D, bi, ld, image_grad + image_offset, D);
+          } else {  // every text of the call without a valid word
+            std::fill(image_grad + image_offset, image_grad + image_offset + bi * D, T(0));
+          }
         }
       }
     };
@@ -730,7 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_forward(const at::Tensor& 
                                                               const at::Tensor& k, const at::Tensor& v,
                                                               const std::optional<at::Tensor>& word_mask,
                                                               double scale, bool keep_softmax) {
-  const Inputs in = prepare(q, u, k, v, word_mask, scale, /*zero_masked_words=*/false);
+  const Inputs in = prepare(q, u, k, v, word_mask, scale);
   const Problem& p = in.p;
   at::Tensor scores = at::zeros({p.num_images, p.num_texts}, in.q.options());
   const std::vector<int64_t> saved_shape =
@@ -754,7 +825,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
     const at::Tensor& grad_scores, const at::Tensor& q, const at::Tensor& u, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& word_mask, const at::Tensor& probs,
     const at::Tensor& logit_grads, double scale, std::array<bool, 4> needs) {
-  const Inputs in = prepare(q, u, k, v, word_mask, scale, /*zero_masked_words=*/true);
+  const Inputs in = prepare(q, u, k, v, word_mask, scale);
   const Problem& p = in.p;
   TORCH_CHECK(grad_scores.dim() == 2 && grad_scores.size(0) == p.num_images && grad_scores.size(1) == p.num_texts,
               "msa::mscmat_scores_backward: grad_scores must be [Ni, Nt]");
