@@ -170,25 +170,37 @@ def make_inputs(ni, nt, length, heads, head_dim, device, dtype, requires_grad=Fa
     )
 
 
+def caption_mask(nt, length, device, seed=0) -> torch.Tensor:
+    """[Nt, L] word mask of captions padded to L: 8 to 19 real tokens each (mean 13.5, ~58% padding at L = 32, as
+    RSITMD's and RSICD's captions, 12-13 tokens with [CLS] and [SEP] on average, padded to the published 31)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    lengths = torch.randint(8, 20, (nt,), generator=generator)
+    return (torch.arange(length)[None, :] < lengths[:, None]).to(device)
+
+
 def reference_bytes(ni, nt, length, heads, dtype) -> int:
     # logits, readouts, softmax weights and their product are each [Ni, Nt, H, L].
     return 4 * ni * nt * heads * length * torch.finfo(dtype).bits // 8
 
 
-def chunked_reference(q, u, k, v, budget: int = REFERENCE_MEMORY_BUDGET) -> torch.Tensor:
+def chunked_reference(q, u, k, v, budget: int = REFERENCE_MEMORY_BUDGET, word_mask=None) -> torch.Tensor:
     """The reference over image chunks, each within the memory budget (forward only)."""
     per_image = reference_bytes(1, k.shape[0], k.shape[1], k.shape[2], q.dtype)
     chunk = max(1, budget // max(per_image, 1))
-    return torch.cat([mscmat_scores_ref(q[i : i + chunk], u[i : i + chunk], k, v) for i in range(0, q.shape[0], chunk)])
+    return torch.cat(
+        [mscmat_scores_ref(q[i : i + chunk], u[i : i + chunk], k, v, word_mask) for i in range(0, q.shape[0], chunk)]
+    )
 
 
-def max_error_vs_float64(scores: torch.Tensor, q, u, k, v, rows: int | None = None) -> tuple[float, str]:
+def max_error_vs_float64(
+    scores: torch.Tensor, q, u, k, v, rows: int | None = None, word_mask=None
+) -> tuple[float, str]:
     """Max |scores - float64 reference| (on the first `rows` images when the whole matrix would be too slow)."""
     note = ""
     if rows is not None and rows < q.shape[0]:
         q, u, scores = q[:rows], u[:rows], scores[:rows]
         note = f"error on the first {rows} image rows"
-    expected = chunked_reference(*(t.detach().double() for t in (q, u, k, v)))
+    expected = chunked_reference(*(t.detach().double() for t in (q, u, k, v)), word_mask=word_mask)
     return (scores.detach().double() - expected).abs().max().item(), note
 
 
@@ -200,18 +212,18 @@ def op_providers(device: torch.device) -> list[str]:
     return [*fused, "reference"]
 
 
-def run_provider(provider: str, q, u, k, v, mode: str):
+def run_provider(provider: str, q, u, k, v, mode: str, word_mask=None):
     if provider == "reference-compiled":
         fn = _compiled_reference()
     else:
 
-        def fn(q, u, k, v):
-            return mscmat_scores(q, u, k, v, backend=provider)
+        def fn(q, u, k, v, word_mask):
+            return mscmat_scores(q, u, k, v, word_mask, backend=provider)
 
     if mode == "forward":
         with torch.no_grad():
-            return fn(q, u, k, v)
-    scores = fn(q, u, k, v)
+            return fn(q, u, k, v, word_mask)
+    scores = fn(q, u, k, v, word_mask)
     if mode == "forward+graph":
         return scores
     scores.backward(torch.ones_like(scores))
@@ -227,24 +239,24 @@ def _compiled_reference():
     return _COMPILED["reference"]
 
 
-def op_call(provider: str, mode: str, q, u, k, v, chunked: bool) -> Callable[[], torch.Tensor]:
+def op_call(provider: str, mode: str, q, u, k, v, chunked: bool, word_mask=None) -> Callable[[], torch.Tensor]:
     if chunked:
 
         def call():
             with torch.no_grad():
-                return chunked_reference(q, u, k, v)
+                return chunked_reference(q, u, k, v, word_mask=word_mask)
 
         return call
 
     if mode == "backward":
-        scores = run_provider(provider, q, u, k, v, "forward+graph")
+        scores = run_provider(provider, q, u, k, v, "forward+graph", word_mask)
         grad = torch.ones_like(scores)
         return lambda: torch.autograd.grad(scores, (q, u, k, v), grad, retain_graph=True) and scores
 
     def call():
         for tensor in (q, u, k, v):
             tensor.grad = None
-        return run_provider(provider, q, u, k, v, mode)
+        return run_provider(provider, q, u, k, v, mode, word_mask)
 
     return call
 
@@ -299,7 +311,8 @@ def call_from_spec(spec: dict, device: torch.device) -> Callable[[], object]:
     dtype = getattr(torch, spec["dtype"].replace("torch.", ""))
     requires_grad = spec["mode"] != "forward"
     q, u, k, v = make_inputs(ni, nt, length, heads, head_dim, device, dtype, requires_grad)
-    return op_call(spec["provider"], spec["mode"], q, u, k, v, spec["chunked"])
+    word_mask = caption_mask(nt, length, device) if spec.get("captions") else None
+    return op_call(spec["provider"], spec["mode"], q, u, k, v, spec["chunked"], word_mask)
 
 
 def spread(values: list[float]) -> tuple[float, float, float] | None:
@@ -358,7 +371,12 @@ def bench_op_case(name, ni, nt, length, heads, head_dim, dtype, mode, device, ra
     rows = []
     requires_grad = mode != "forward"
     q, u, k, v = make_inputs(ni, nt, length, heads, head_dim, device, dtype, requires_grad)
+    captions = name.endswith("captions")
+    word_mask = caption_mask(nt, length, device) if captions else None
     shape = {"Ni": ni, "Nt": nt, "L": length, "H": heads, "Dh": head_dim}
+    if captions:
+        shape["valid"] = f"{word_mask.float().mean().item():.0%}"
+    # FLOPs of every word, padding included (the reference computes them all; the fused CPU kernel skips padding).
     flops = 4 * length * heads * head_dim * ni * nt * {"forward": 1, "backward": 2, "forward+backward": 3}[mode]
     error_rows = None if ni * nt <= 300_000 else 64
     calls, notes, once, chunked_providers = {}, {}, set(), set()
@@ -370,7 +388,7 @@ def bench_op_case(name, ni, nt, length, heads, head_dim, dtype, mode, device, ra
             rows.append(Row(name, provider, mode, str(dtype), shape, None, None, None, None, None, note, env))
             continue
         notes[provider] = [f"chunked over images (unchunked it needs {needs / 2**30:.1f} GB)"] if chunked else []
-        calls[provider] = op_call(provider, mode, q, u, k, v, chunked)
+        calls[provider] = op_call(provider, mode, q, u, k, v, chunked, word_mask)
         if provider.startswith("reference") and ni * nt > 300_000:
             once.add(provider)  # minutes per call at test-split sizes: one timed call
             notes[provider].append("one timed call")
@@ -384,9 +402,10 @@ def bench_op_case(name, ni, nt, length, heads, head_dim, dtype, mode, device, ra
     reference = next((p for p in ("reference",) if p in calls and p not in once), None)
     for provider, call in calls.items():
         scores = call()
-        error, error_note = max_error_vs_float64(scores, q, u, k, v, error_rows)
+        error, error_note = max_error_vs_float64(scores, q, u, k, v, error_rows, word_mask)
         del scores
         spec = {"kind": "op", "shape": [ni, nt, length, heads, head_dim], "dtype": str(dtype), "mode": mode}
+        spec["captions"] = captions
         peak = peak_extra_mib({**spec, "provider": provider, "chunked": provider in chunked_providers}, device)
         seconds = times[provider]
         median = statistics.median(seconds)
@@ -437,6 +456,8 @@ def cases(device: torch.device, quick: bool):
                 ("forward", "forward+backward") if device.type == "cpu" else ("forward", "backward", "forward+backward")
             ):
                 found.append((f"train B={batch}", batch, batch, 32, 12, 64, dtype, mode))
+    if device.type == "cpu":  # real captions: most of the 32 positions are padding
+        found.append(("train B=128 captions", 128, 128, 32, 12, 64, torch.float32, "forward+backward"))
     for name, ni, nt in (("RSITMD test", 452, 2260), ("RSICD test", 1093, 5465)):
         for dtype in dtypes:
             found.append((name, ni, nt, 32, 12, 64, dtype, "forward"))
