@@ -750,23 +750,23 @@ void backward_impl(const Inputs& in, T scale, const T* grad, const Saved& saved,
             gemm_nn(D, bi, rows, words_t.data(), rows, dr.data(), ld, image_sums_started, du_t.data(), ld);
           }
           image_sums_started = true;
+          // dk (dv) at the tile's valid words: straight into the gradient when every word is valid, else through
+          // packed rows scattered back to their words.
           const bool add_to_words = i0 != first_image;
-          const std::array<std::pair<const T*, T*>, 2> word_products{
-              std::make_pair(ds.data(), dk_ptrs[chunk]), std::make_pair(dr.data(), dv_ptrs[chunk])};
-          const std::array<const T*, 2> image_operands{q + image_offset, u + image_offset};
-          for (int64_t which = 0; which < 2; ++which) {
-            const auto [weights, word_grad] = word_products[which];
+          const auto word_product = [&](const T* weights, const T* images, T* word_grad) {
             if (word_grad == nullptr) {
-              continue;
+              return;
             }
-            if (tile.all_words()) {  // straight into dk (dv)
-              gemm_nn(rows, D, bi, weights, ld, image_operands[which], D, add_to_words,
-                      word_grad + j0 * L * word_stride + h * D, word_stride);
+            if (tile.all_words()) {
+              gemm_nn(rows, D, bi, weights, ld, images, D, add_to_words, word_grad + j0 * L * word_stride + h * D,
+                      word_stride);
             } else {
-              gemm_nn(rows, D, bi, weights, ld, image_operands[which], D, false, word_grads.data(), D);
+              gemm_nn(rows, D, bi, weights, ld, images, D, false, word_grads.data(), D);
               scatter_word_rows(word_grads.data(), p, tile, j0, h, add_to_words, word_grad);
             }
-          }
+          };
+          word_product(ds.data(), q + image_offset, dk_ptrs[chunk]);
+          word_product(dr.data(), u + image_offset, dv_ptrs[chunk]);
         }
         for (auto [sum, image_grad] : {std::make_pair(dq_t.data(), dq), std::make_pair(du_t.data(), du)}) {
           if (image_grad == nullptr) {
