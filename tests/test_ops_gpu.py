@@ -11,6 +11,7 @@ error of the reference itself run in the low precision, plus a small floor.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -187,6 +188,7 @@ def test_backward_computes_only_the_gradients_asked_for(backend):
 
 def test_opcheck_triton_kernels():
     require("triton")
+    importlib.import_module("msa.kernels.mscmat_triton")  # defines msa::mscmat_scores_triton (imported lazily)
     q, u, k, v, mask = make_inputs(9, 6, 7, 2, 32, "random", torch.bfloat16)
     torch.library.opcheck(torch.ops.msa.mscmat_scores_triton.default, (q, u, k, v, mask, 0.2))
 
