@@ -193,7 +193,9 @@ def compile_spec(spec: Spec) -> dict:
         "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n, "BLOCK_T": block_n,
     }  # fmt: skip
     if "GROUP_I" in fn.arg_names:
-        constexprs["GROUP_I"] = 8
+        from msa.kernels.mscmat_kernels import FWD_IMAGE_GROUP
+
+        constexprs["GROUP_I"] = FWD_IMAGE_GROUP
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     row = {**dataclasses.asdict(spec), "block_d": spec.block_d, "triton": triton.__version__}
     started = time.perf_counter()

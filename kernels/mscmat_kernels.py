@@ -28,6 +28,11 @@ import triton.language as tl
 from msa.kernels.configs import AUTOTUNE_KEY, BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, all_configs, pruner
 from msa.kernels.tiles import NEG_INF, chunk_rows, finalize, load_rows, mma
 
+# Image tiles of the forward that sweep the same text tiles together (see mscmat_scores_fwd_kernel). Passed at
+# every launch: torch.compile's capture of a triton_op checks the arguments against the signature and takes no
+# constexpr defaults.
+FWD_IMAGE_GROUP = 8
+
 
 @triton.jit
 def _text_head_out(
@@ -66,7 +71,7 @@ def mscmat_scores_fwd_kernel(
     Ni, Nt, L, H, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_I: tl.constexpr = 8,
+    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_I: tl.constexpr,
 ):  # fmt: skip
     """Scores of BLOCK_I images x BLOCK_T texts. The image tile is stationary: per head, q_h and u_h are loaded
     once and the program's texts stream past them in the inner loop, the loop Triton software-pipelines (the k

@@ -15,6 +15,7 @@ from torch.library import triton_op, wrap_triton
 from msa._autograd import register_scores_autograd
 from msa.kernels.configs import INTERPRET, MAX_BLOCK_L, MIN_PRODUCT_WORDS
 from msa.kernels.mscmat_kernels import (
+    FWD_IMAGE_GROUP,
     mscmat_scores_bwd_images_kernel,
     mscmat_scores_bwd_words_kernel,
     mscmat_scores_fwd_kernel,
@@ -96,7 +97,7 @@ def _mscmat_scores_triton_op(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *mask_strides, out.stride(0),
         num_images, num_texts, num_words, heads, scale * LOG2_E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask, ONE_CHUNK=num_words <= block_l,
-        INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype), GROUP_I=FWD_IMAGE_GROUP,
     )  # fmt: skip
     return out
 
