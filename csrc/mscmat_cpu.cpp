@@ -10,8 +10,8 @@
 // down the L rows of a text with the images as vector lanes, so the max, the denominator and the weighted sum
 // are plain vertical vector operations (no horizontal reductions per (image, text) pair), and everything happens
 // while the tile is in L2. Only valid words get a row: the products shrink with the padding (captions padded to
-// 31 tokens are ~55% padding), and a masked word's k and v are never read, whatever they hold. Nothing of size Ni * Nt * L is allocated unless
-// the caller asks to keep the softmax: the scratch is bi * bj * L per thread.
+// 31 tokens are ~55% padding), and a masked word's k and v are never read, whatever they hold. Nothing of size
+// Ni * Nt * L is allocated unless the caller asks to keep the softmax: the scratch is bi * bj * L per thread.
 //
 // Backward turns the tile in place into
 //   dS = g * p * (r - o) * scale   and   dR = g * p          (o = sum_l p r, the head's output)
@@ -809,7 +809,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scores_forward(const at::Tensor& 
       keep_softmax ? std::vector<int64_t>{p.heads, p.num_texts, p.num_words, p.num_images} : std::vector<int64_t>{0};
   // Every element of probs and logit_grads is written by the tiles (0 at masked words and texts without one).
   const auto make_saved = [&] {
-    return has_work(p) ? empty_from_block_cache(saved_shape, in.q.scalar_type()) : at::zeros(saved_shape, in.q.options());
+    return has_work(p) ? empty_from_block_cache(saved_shape, in.q.scalar_type())
+                       : at::zeros(saved_shape, in.q.options());
   };
   at::Tensor probs = make_saved(), logit_grads = make_saved();
   if (has_work(p)) {
@@ -840,7 +841,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
   }
   const at::Tensor grad = grad_scores.to(in.q.scalar_type()).contiguous();
   const bool any_work = has_work(p);
-  // With work to do, every gradient element is written by the tiles (see backward_impl); without, all are 0.
+  // With work to do, the tiles write every element of dq and du and the valid words' rows of dk and dv (finish
+  // below zeroes the masked words'); without, all are 0.
   const auto make = [&](bool needed, const at::Tensor& like) {
     if (!needed) {
       return at::Tensor();
@@ -862,7 +864,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
     if (images) {  // back from head-major to the callers' layout
       return g.permute({1, 0, 2}).to(dtype).contiguous();
     }
-    // A masked word gets no gradient, whatever the images hold (dS is 0 there, but 0 * inf is not).
+    // A masked word has no row in the products, so nothing wrote its rows of dk and dv: its gradient is 0.
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mscmat_scores_backward_cpu", [&] {
       zero_rows(g.data_ptr<scalar_t>(), in.masked_words, p.heads * p.head_dim);
     });
