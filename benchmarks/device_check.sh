@@ -3,7 +3,7 @@
 # internet. Every phase has its own time limit and writes its results into OUT_DIR as it goes; a phase that fails
 # or runs out is recorded and the next one still runs; a summary table is printed last.
 #
-#   benchmarks/device_check.sh OUT_DIR              phases (a)-(f), at most 8 minutes
+#   benchmarks/device_check.sh OUT_DIR              phases (a)-(g), at most 8 minutes
 #   benchmarks/device_check.sh --quick OUT_DIR      phases (a)-(c), at most 3 minutes
 #   benchmarks/device_check.sh --dry-run OUT_DIR    on a machine without a GPU (CI): phase (a) for sm_90, the
 #                                                   backends line, and an offline sm_90 compile of every Triton
@@ -14,13 +14,15 @@
 #   (c) targets     benchmarks/bench_gpu_targets.py (bf16)                      OUT_DIR/bench_gpu_targets_*
 #   (d) tests       pytest -v tests/test_ops_gpu.py, API-risk tests first       OUT_DIR/gpu_tests*.log
 #   (e) profile     ncu of the forward and backward kernels at the target shape OUT_DIR/ncu_*.txt
-#   (f) benchmark   benchmarks/bench_mscmat.py (bf16 first)                     OUT_DIR/bench_mscmat_*
+#   (f) train step  benchmarks/bench_train_step.py, published sizes, B = 128,   OUT_DIR/bench_train_step.*
+#                   bf16 autocast: the MSCMAT part's share of a training step
+#   (g) benchmark   benchmarks/bench_mscmat.py (bf16 first)                     OUT_DIR/bench_mscmat_*
 #   OUT_DIR/environment.txt: card, versions, toolkit, `backends on cuda: [...]`, phase log; OUT_DIR/summary.md.
 #
 # The CUDA toolkit is the first folder holding include/cuda_runtime.h among: $CUDA_HOME, the TOP that
 # `nvcc --dryrun` reports (nvcc on PATH may be a wrapper script), torch's own CUDA_HOME, /usr/local/cuda.
 # Knobs: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this card's; 9.0 for --dry-run),
-# {BUILD,SMOKE,TARGETS,TEST,PROFILE,BENCH,COMPILE}_SECONDS (phase limits; their defaults add up to 8 minutes,
+# {BUILD,SMOKE,TARGETS,TEST,PROFILE,TRAIN,BENCH,COMPILE}_SECONDS (phase limits; their defaults add up to 8 minutes,
 # 3 with --quick; a fresh H200 machine built msa with its CUDA kernels in 89 s, the Triton smoke compiles ~15 s a dtype).
 set -uo pipefail
 
@@ -35,9 +37,10 @@ out=$(cd "$out" && pwd)
 case $mode in
   quick) : "${BUILD_SECONDS:=110}" "${SMOKE_SECONDS:=35}" "${TARGETS_SECONDS:=45}" ;;
   dry-run) : "${BUILD_SECONDS:=900}" ;;  # two CPU cores of a CI machine, no GPU: no hurry
-  *) : "${BUILD_SECONDS:=120}" "${SMOKE_SECONDS:=80}" "${TARGETS_SECONDS:=60}" ;;
+  *) : "${BUILD_SECONDS:=110}" "${SMOKE_SECONDS:=80}" "${TARGETS_SECONDS:=60}" ;;
 esac
-: "${TEST_SECONDS:=55}" "${PROFILE_SECONDS:=30}" "${BENCH_SECONDS:=40}" "${COMPILE_SECONDS:=1500}"
+# Full run: 110 + 80 + 60 + 2 x 50 + 2 x 25 + 50 + 30 = 480 s at most (a first H200 run took 331 s of 440).
+: "${TEST_SECONDS:=50}" "${PROFILE_SECONDS:=25}" "${TRAIN_SECONDS:=50}" "${BENCH_SECONDS:=30}" "${COMPILE_SECONDS:=1500}"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 started=$SECONDS
@@ -155,7 +158,11 @@ else
     else
       note "ncu not found: no profile"
     fi
-    # --- (f) the full benchmark ----------------------------------------------------------------------------
+    # --- (f) the training-step target: MSCMAT (4 scales, fused, fwd + bwd) against the whole published step --
+    run_phase "train step" "$TRAIN_SECONDS" "$out/train_step.log" \
+      "$py" benchmarks/bench_train_step.py --sizes published --batches 128 --providers fused --precision bf16 \
+      --max-published-step-batch 128 --repeats 5 --out "$out"
+    # --- (g) the full benchmark ----------------------------------------------------------------------------
     run_phase benchmark "$BENCH_SECONDS" "$out/bench.log" \
       "$py" benchmarks/bench_mscmat.py --out "$out" --repeats 3 --no-pairs
   fi
@@ -170,7 +177,7 @@ fi
   echo "|---|---|---:|---|"
   printf '%s\n' "${summary[@]}"
   [ -f "$out/smoke.log" ] && { echo; cat "$out/smoke.log" | grep -E "^(ok|FAIL)" ; }
-  for table in "$out"/bench_gpu_targets_*.md; do [ -f "$table" ] && { echo; cat "$table"; }; done
+  for table in "$out"/bench_gpu_targets_*.md "$out"/bench_train_step.md; do [ -f "$table" ] && { echo; cat "$table"; }; done
   echo
   echo "total $((SECONDS - started)) s, status $failed"
 } >"$out/summary.md"

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from msa.training.checkpoint import (
 from msa.training.config import PRECISIONS, TrainConfig, UsageError
 from msa.training.optim import build_optimizer, make_scheduler
 from msa.training.run_log import RunLog, format_metrics, plot_curves, write_results
+
+if TYPE_CHECKING:
+    from msa.model import MSAOutput
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +287,16 @@ def _save_last(run: _Run) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ training
+def in_float32(output: MSAOutput) -> MSAOutput:
+    """The model's output for the loss, in float32 whatever the autocast dtype (softmax/KL of the score matrices)."""
+    return dataclasses.replace(
+        output,
+        image_embeds=output.image_embeds.float(),
+        text_embeds=output.text_embeds.float(),
+        scale_scores=[s.float() for s in output.scale_scores],
+    )
+
+
 def _train_step(run: _Run, batch: dict[str, Any]) -> dict[str, float]:
     from msa.losses import msa_loss
 
@@ -295,14 +308,7 @@ def _train_step(run: _Run, batch: dict[str, Any]) -> dict[str, float]:
         output, image_ids = run.train_module(
             images, tokens["input_ids"].to(device), tokens["attention_mask"].to(device), batch["image_ids"].to(device)
         )
-    # The loss in float32 whatever the autocast dtype (softmax/KL of the score matrices).
-    output = dataclasses.replace(
-        output,
-        image_embeds=output.image_embeds.float(),
-        text_embeds=output.text_embeds.float(),
-        scale_scores=[s.float() for s in output.scale_scores],
-    )
-    losses = msa_loss(output, run.model.config.preset, image_ids=image_ids)
+    losses = msa_loss(in_float32(output), run.model.config.preset, image_ids=image_ids)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(losses.total).backward()
     if config.grad_clip:
