@@ -54,8 +54,8 @@ def test_cuda_kernels_match_reference_under_emulation(emulator):
 def test_cuda_build_compiles_the_emulated_kernels():
     """The extension's .cu includes the very headers the emulation runs, and nothing is compiled only for one side."""
     host = (CUDA_SOURCES / "mscmat_cuda.cu").read_text()
-    for header in ("device_primitives.cuh", "mscmat_tiles.cuh", "mscmat_kernels.cuh"):
+    for header in ("device_primitives.cuh", "mscmat_tiles.cuh", "mscmat_warp.cuh", "mscmat_kernels.cuh"):
         assert f'#include "{header}"' in host, header
-    assert host.index('"mscmat_tiles.cuh"') < host.index('"mscmat_kernels.cuh"')
+    assert host.index('"mscmat_tiles.cuh"') < host.index('"mscmat_warp.cuh"') < host.index('"mscmat_kernels.cuh"')
     for path in sorted(CUDA_SOURCES.glob("*")) + sorted(EMULATION.glob("*")):
         assert "MSA_CUDA_EMULATION" not in path.read_text(), path.name

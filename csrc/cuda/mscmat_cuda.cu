@@ -1,6 +1,7 @@
 // Host side of the msa::mscmat_scores CUDA kernels: argument checks, launch sizes, dtype and head-dim dispatch,
 // registration under the CUDA dispatch key. The kernels are in mscmat_kernels.cuh (see its header for the
-// tiling), the tiles and loaders in mscmat_tiles.cuh; tests/cuda_emulation runs both on the CPU.
+// tiling), their tensor-core steps in mscmat_warp.cuh, the tiles and loaders in mscmat_tiles.cuh;
+// tests/cuda_emulation runs all three on the CPU.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,10 +13,11 @@
 #include <array>
 #include <cstdint>
 
-// In this order: the primitives, then the tiles and loaders, then the kernels.
+// In this order: the primitives, the tiles and loaders, the warp-level steps, the kernels.
 #include "device_primitives.cuh"
 // clang-format off
 #include "mscmat_tiles.cuh"
+#include "mscmat_warp.cuh"
 #include "mscmat_kernels.cuh"
 // clang-format on
 

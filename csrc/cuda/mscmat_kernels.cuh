@@ -1,5 +1,5 @@
 // Kernels of msa::mscmat_scores, forward and backward. Included by mscmat_cuda.cu (with device_primitives.cuh)
-// and by tests/cuda_emulation (with cuda_emulation.h), after mscmat_tiles.cuh.
+// and by tests/cuda_emulation (with cuda_emulation.h), after mscmat_tiles.cuh and mscmat_warp.cuh.
 //
 //   scores[i, j] = sum_h sum_l p[i,j,h,l] * r[i,j,h,l]
 //   p[i,j,h,:]  = softmax over the valid words l of  scale * <q[i,h], k[j,l,h]>
@@ -8,9 +8,10 @@
 // Tiling: a tile holds BI images and BN "word slots". The slots hold BT = BN / LP texts of LP slots each (LP =
 // the word count rounded up to a power of two >= 16, at most BN); texts longer than BN are walked in chunks of
 // BN words with an online softmax. A step stages Q_h, U_h [BI, Dh] and K_h, V_h [BN, Dh] in shared memory
-// (mscmat_tiles.cuh: cp.async, double-buffered), computes S = Q K^T and R = U V^T (float32) into shared memory
-// -- with WMMA tensor-core tiles for half and bfloat16, with plain FMAs for float32 -- and one thread per
-// (image, text) pair runs the masked softmax and the weighted sum over the text's slots.
+// (mscmat_tiles.cuh: cp.async, double-buffered) and computes S = Q K^T and R = U V^T (float32). For half and
+// bfloat16 they stay in registers (mma.sync, each warp 16 image rows), where the masked softmax, the weighted
+// sum and the gradients run, a quad of lanes per row (mscmat_warp.cuh); float32 (plain FMAs) puts S and R in
+// shared memory, where one thread per (image, text) pair runs the softmax.
 //
 // Forward: a block owns one text tile and up to kMaxImageTilesPerBlock image tiles; it walks heads, word chunks
 // and, fastest, its image tiles, so a text tile's k and v are staged once per head and chunk and the image tiles
@@ -19,73 +20,41 @@
 // Backward recomputes S and R and turns them into dS = g p (r - o) scale and dR = g p (o = sum_l p r per
 // image, text and head). One kernel owns an image tile and a head and loops over all texts (dq = dS K,
 // du = dR V); the other owns a word chunk of a text tile and a head and loops over all images
-// (dk = dS^T Q, dv = dR^T U). Every gradient element is summed inside one block: no atomics, deterministic.
+// (dk = dS^T Q, dv = dR^T U). Every gradient element is summed inside one block: no atomics, deterministic. On
+// tensor cores the images kernel multiplies dS, dR straight from the registers; the words kernel needs them
+// transposed (a warp owns 16 word slots of dk, dv) and passes them through one shared tile.
 //
 // A NaN in a valid word's logit or value makes the pair's score (and gradients) NaN, as the float64 reference's
 // softmax does; a text without a valid word scores 0 and gets zero gradients.
 //
-// Tensor cores need sm_80 or newer (bfloat16 WMMA, cp.async); the launcher checks the device's capability.
+// Tensor cores need sm_80 or newer (bfloat16 mma.sync, ldmatrix, cp.async); the launcher checks the device's
+// capability.
 #pragma once
 
 namespace msa {
 namespace {
 
-// out = A B^T of a staged [BI, DP] and a staged [BN, DP] tile, float32, into shared memory (tensor cores).
-template <typename T, int DP>
-__device__ void wmma_product(const T* a, const T* b, float* out) {
-  using C = Tiles<T, DP>;
-  using namespace nvcuda;
-  const int warp = threadIdx.x / 32;
-  constexpr int kCols = C::BN / 16;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kCols];
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) wmma::fill_fragment(acc[c], 0.f);
-#pragma unroll
-  for (int kk = 0; kk < DP; kk += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
-    wmma::load_matrix_sync(a_frag, a + warp * 16 * C::LDX + kk, C::LDX);
-#pragma unroll
-    for (int c = 0; c < kCols; ++c) {
-      // B^T as a col-major [DP, BN] matrix is B's row-major [BN, DP] storage.
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b_frag;
-      wmma::load_matrix_sync(b_frag, b + c * 16 * C::LDX + kk, C::LDX);
-      wmma::mma_sync(acc[c], a_frag, b_frag, acc[c]);
-    }
-  }
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) {
-    wmma::store_matrix_sync(out + warp * 16 * C::LDS + c * 16, acc[c], C::LDS, wmma::mem_row_major);
-  }
-}
-
-// S = Q K^T and R = U V^T of the staged tiles, float32, into shared memory.
-template <typename T, int DP>
-__device__ void tile_products(const T* q, const T* u, const T* k, const T* v, float* s, float* r) {
-  using C = Tiles<T, DP>;
-  if constexpr (C::kWmma) {
-    // One product after the other: half the accumulators live at a time, which the backward kernels (holding
-    // their gradient fragments as well) need to stay within 255 registers.
-    wmma_product<T, DP>(q, k, s);
-    wmma_product<T, DP>(u, v, r);
-  } else {
-    // float: 16-byte shared loads; a warp reads one Q row (broadcast) and 32 K rows LDX = DP + 4 floats apart,
-    // which a quarter-warp's 8 float4 loads spread over all 32 banks.
-    for (int e = threadIdx.x; e < C::BI * C::BN; e += kThreads) {
-      const int i = e / C::BN, n = e % C::BN;
-      const float4* q_row = reinterpret_cast<const float4*>(q + i * C::LDX);
-      const float4* u_row = reinterpret_cast<const float4*>(u + i * C::LDX);
-      const float4* k_row = reinterpret_cast<const float4*>(k + n * C::LDX);
-      const float4* v_row = reinterpret_cast<const float4*>(v + n * C::LDX);
-      float s_sum = 0.f, r_sum = 0.f;
+// float32: S = Q K^T and R = U V^T of the staged tiles into shared memory, plain FMAs with 16-byte shared loads;
+// a warp reads one Q row (broadcast) and 32 K rows LDX = DP + 4 floats apart, which a quarter-warp's 8 float4
+// loads spread over all 32 banks.
+template <int DP>
+__device__ void float_products(const float* q, const float* u, const float* k, const float* v, float* s, float* r) {
+  using C = Tiles<float, DP>;
+  for (int e = threadIdx.x; e < C::BI * C::BN; e += kThreads) {
+    const int i = e / C::BN, n = e % C::BN;
+    const float4* q_row = reinterpret_cast<const float4*>(q + i * C::LDX);
+    const float4* u_row = reinterpret_cast<const float4*>(u + i * C::LDX);
+    const float4* k_row = reinterpret_cast<const float4*>(k + n * C::LDX);
+    const float4* v_row = reinterpret_cast<const float4*>(v + n * C::LDX);
+    float s_sum = 0.f, r_sum = 0.f;
 #pragma unroll 4
-      for (int d = 0; d < DP / 4; ++d) {
-        const float4 a = q_row[d], b = k_row[d], c = u_row[d], w = v_row[d];
-        s_sum += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-        r_sum += c.x * w.x + c.y * w.y + c.z * w.z + c.w * w.w;
-      }
-      s[i * C::LDS + n] = s_sum;
-      r[i * C::LDS + n] = r_sum;
+    for (int d = 0; d < DP / 4; ++d) {
+      const float4 a = q_row[d], b = k_row[d], c = u_row[d], w = v_row[d];
+      s_sum += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+      r_sum += c.x * w.x + c.y * w.y + c.z * w.z + c.w * w.w;
     }
+    s[i * C::LDS + n] = s_sum;
+    r[i * C::LDS + n] = r_sum;
   }
 }
 
@@ -217,13 +186,19 @@ __global__ void __launch_bounds__(kThreads)
             g + 1 < tiles ? tiles_at(h, c, g + 1) : (c + 1 < chunks ? tiles_at(h, c + 1, 0) : tiles_at(h + 1, 0, 0));
         const bool has_next = g + 1 < tiles || c + 1 < chunks || h + 1 < p.heads;
         stager.begin_step(cur, next, has_next);
-        tile_products<T, DP>(sm.q(stager.image_stage), sm.u(stager.image_stage), sm.k(stager.word_stage),
-                             sm.v(stager.word_stage), sm.s(), sm.r());
-        __syncthreads();
         const PairStats st = pair_stats(sm, g);
-        // update_stats and add_head_scores give each pair to the same thread: no barrier between them.
-        update_stats<C>(sm.s(), sm.r(), sm.keep(stager.word_stage), st, p, c == 0);
-        if (c == chunks - 1) add_head_scores<C>(st, p);
+        if constexpr (C::kTensorCores) {
+          warp_forward_step<T, DP>(sm.q(stager.image_stage), sm.u(stager.image_stage), sm.k(stager.word_stage),
+                                   sm.v(stager.word_stage), sm.keep(stager.word_stage), st, p, c == 0,
+                                   c == chunks - 1);
+        } else {
+          float_products<DP>(sm.q(stager.image_stage), sm.u(stager.image_stage), sm.k(stager.word_stage),
+                             sm.v(stager.word_stage), sm.s(), sm.r());
+          __syncthreads();
+          // update_stats and add_head_scores give each pair to the same thread: no barrier between them.
+          update_stats<C>(sm.s(), sm.r(), sm.keep(stager.word_stage), st, p, c == 0);
+          if (c == chunks - 1) add_head_scores<C>(st, p);
+        }
         stager.end_step(cur, next, has_next);
       }
     }
@@ -237,52 +212,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 #endif
-}
-
-// acc[d] += G_w B[:, 16 d : 16 d + 16] (tensor cores), G_w the warp's 16 rows of a gradient tile G [rows, K]: dS
-// or dR itself (row-major, K = BN) or its transpose (col_major, K = BI), and B a staged [K, DP] tile. dK and dV
-// (dQ and dU) are accumulated one after the other, which keeps fewer fragments live than interleaving them.
-template <typename T, int DP, int K, typename GLayout, typename Frags>
-__device__ void accumulate_gradient(Frags& acc, const T* g, const T* b) {
-  using C = Tiles<T, DP>;
-  using namespace nvcuda;
-  constexpr bool kTransposed = std::is_same<GLayout, wmma::col_major>::value;
-  const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int kk = 0; kk < K; kk += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, GLayout> g_frag;
-    wmma::load_matrix_sync(g_frag, kTransposed ? g + kk * C::LDG + warp * 16 : g + warp * 16 * C::LDG + kk, C::LDG);
-#pragma unroll
-    for (int d = 0; d < DP / 16; ++d) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b_frag;
-      wmma::load_matrix_sync(b_frag, b + kk * C::LDX + d * 16, C::LDX);
-      wmma::mma_sync(acc[d], g_frag, b_frag, acc[d]);
-    }
-  }
-}
-
-// WMMA accumulators of kRows x DP (16 rows per warp) through shared memory `staging` (kRows x LDS floats), BN
-// columns at a time, to store(row, col, value), which writes one element of the global tensor.
-template <typename T, int DP, int kRows, typename Frags, typename Store>
-__device__ void write_fragments(Frags& frags, float* staging, Store store) {
-  using C = Tiles<T, DP>;
-  using namespace nvcuda;
-  constexpr int kDCols = DP / 16;
-  const int warp = threadIdx.x / 32;
-  for (int c0 = 0; c0 < DP; c0 += C::BN) {
-#pragma unroll
-    for (int c = 0; c < kDCols; ++c) {
-      if (c * 16 >= c0 && c * 16 < c0 + C::BN) {
-        wmma::store_matrix_sync(staging + warp * 16 * C::LDS + (c * 16 - c0), frags[c], C::LDS, wmma::mem_row_major);
-      }
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < kRows * C::BN; e += kThreads) {
-      const int row = e / C::BN, col = c0 + e % C::BN;
-      if (col < DP) store(row, col, staging[row * C::LDS + (col - c0)]);
-    }
-    __syncthreads();
-  }
 }
 
 // dq, du of one image tile (blockIdx.x) and one head (blockIdx.y).
@@ -309,18 +238,9 @@ __global__ void __launch_bounds__(kThreads)
     return StepTiles{first_image, first_text, static_cast<int64_t>(c) * p.slots_per_text, h};
   };
   const PairStats st = pair_stats(sm, 0);
-
-  using namespace nvcuda;
-  constexpr int kDCols = DP / 16;
-  // With WMMA each warp keeps its 16 rows of dq and du in fragments; otherwise they live in sm.facc().
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq_frag[C::kWmma ? kDCols : 1], du_frag[C::kWmma ? kDCols : 1];
-  if constexpr (C::kWmma) {
-#pragma unroll
-    for (int c = 0; c < kDCols; ++c) {
-      wmma::fill_fragment(dq_frag[c], 0.f);
-      wmma::fill_fragment(du_frag[c], 0.f);
-    }
-  } else {
+  // Tensor cores: each warp keeps its 16 rows of dq and du in registers; float32: they live in sm.facc().
+  float dq_acc[C::kTensorCores ? DP / 8 : 1][4] = {}, du_acc[C::kTensorCores ? DP / 8 : 1][4] = {};
+  if constexpr (!C::kTensorCores) {
     for (int e = threadIdx.x; e < 2 * C::BI * DP; e += kThreads) sm.facc()[e] = 0.f;
   }
 
@@ -329,42 +249,52 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t first_text = 0; first_text < p.num_texts; first_text += p.texts_per_tile) {
     for (int in_tile = 0; in_tile < steps_per_tile; ++in_tile) {
       const int c = in_tile < chunks ? in_tile : in_tile - chunks;
+      const bool stats_step = in_tile < chunks && !one_chunk;  // the statistics pass over a long text's chunks
       const StepTiles cur = tiles_at(first_text, in_tile);
       const bool last_in_tile = in_tile + 1 == steps_per_tile;
       const StepTiles next =
           last_in_tile ? tiles_at(first_text + p.texts_per_tile, 0) : tiles_at(first_text, in_tile + 1);
       const bool has_next = !last_in_tile || first_text + p.texts_per_tile < p.num_texts;
       stager.begin_step(cur, next, has_next);
-      if (in_tile == 0) load_grad<C>(st.acc, p, grad, first_image, first_text);
       const T* k_tile = sm.k(stager.word_stage);
       const T* v_tile = sm.v(stager.word_stage);
       const float* keep = sm.keep(stager.word_stage);
-      tile_products<T, DP>(sm.q(0), sm.u(0), k_tile, v_tile, sm.s(), sm.r());
-      __syncthreads();
-      if (in_tile < chunks) {  // statistics (the whole step when one chunk holds the texts)
-        update_stats<C>(sm.s(), sm.r(), keep, st, p, c == 0);
-        if (c == chunks - 1) finalize_stats<C>(st, p);
-        if (!one_chunk) {
-          stager.end_step(cur, next, has_next);
-          continue;
-        }
-        __syncthreads();
-      }
-      chunk_grads<T, DP>(sm.s(), sm.r(), keep, st, sm.ds(), sm.dr(), p);
-      __syncthreads();
-      if constexpr (C::kWmma) {
-        accumulate_gradient<T, DP, C::BN, wmma::row_major>(dq_frag, sm.ds(), k_tile);
-        accumulate_gradient<T, DP, C::BN, wmma::row_major>(du_frag, sm.dr(), v_tile);
-      } else {
-        for (int e = threadIdx.x; e < C::BI * DP; e += kThreads) {
-          const int i = e / DP, d = e % DP;
-          float gq = 0.f, gu = 0.f;
-          for (int n = 0; n < C::BN; ++n) {
-            gq += to_float(sm.ds()[i * C::LDG + n]) * to_float(k_tile[n * C::LDX + d]);
-            gu += to_float(sm.dr()[i * C::LDG + n]) * to_float(v_tile[n * C::LDX + d]);
+      if constexpr (C::kTensorCores) {
+        WarpTile<T, DP> w;
+        warp_products<T, DP>(sm.q(0), sm.u(0), k_tile, v_tile, w);
+        dispatch_text_tiles(p, [&]<int kTilesPerText>() {
+          if (stats_step) {
+            warp_stats_step<T, DP, kTilesPerText>(w, keep, st, p, c == 0, c == chunks - 1);
+          } else {
+            warp_grads<T, DP, kTilesPerText>(w, keep, st, grad, p, first_image, first_text, one_chunk);
           }
-          sm.facc()[e] += gq;
-          sm.facc()[C::BI * DP + e] += gu;
+        });
+        if (!stats_step) {  // dq += dS K, du += dR V with dS, dR straight from the registers
+          accumulate_from_registers<T, DP>(dq_acc, w.s, k_tile);
+          accumulate_from_registers<T, DP>(du_acc, w.r, v_tile);
+        }
+      } else {
+        if (in_tile == 0) load_grad<C>(st.acc, p, grad, first_image, first_text);
+        float_products<DP>(sm.q(0), sm.u(0), k_tile, v_tile, sm.s(), sm.r());
+        __syncthreads();
+        if (in_tile < chunks) {  // statistics (the whole step when one chunk holds the texts)
+          update_stats<C>(sm.s(), sm.r(), keep, st, p, c == 0);
+          if (c == chunks - 1) finalize_stats<C>(st, p);
+          if (one_chunk) __syncthreads();
+        }
+        if (!stats_step) {
+          chunk_grads<T, DP>(sm.s(), sm.r(), keep, st, sm.ds(), sm.dr(), p);
+          __syncthreads();
+          for (int e = threadIdx.x; e < C::BI * DP; e += kThreads) {
+            const int i = e / DP, d = e % DP;
+            float gq = 0.f, gu = 0.f;
+            for (int n = 0; n < C::BN; ++n) {
+              gq += to_float(sm.ds()[i * C::LDG + n]) * to_float(k_tile[n * C::LDX + d]);
+              gu += to_float(sm.dr()[i * C::LDG + n]) * to_float(v_tile[n * C::LDX + d]);
+            }
+            sm.facc()[e] += gq;
+            sm.facc()[C::BI * DP + e] += gu;
+          }
         }
       }
       stager.end_step(cur, next, has_next);
@@ -377,11 +307,9 @@ __global__ void __launch_bounds__(kThreads)
       if (i < p.num_images && col < p.head_dim) dst[i * p.q_stride_i + h * p.q_stride_h + col] = from_float<T>(value);
     };
   };
-  if constexpr (C::kWmma) {
-    // One call per accumulator keeps the fragment indices compile-time (a run-time choice between dq_frag and
-    // du_frag would move both arrays to local memory). S and R are free now.
-    write_fragments<T, DP, C::BI>(dq_frag, sm.s(), store_to(dq));
-    write_fragments<T, DP, C::BI>(du_frag, sm.r(), store_to(du));
+  if constexpr (C::kTensorCores) {
+    store_warp_rows<DP>(dq_acc, store_to(dq));
+    store_warp_rows<DP>(du_acc, store_to(du));
   } else {
     const auto store_dq = store_to(dq), store_du = store_to(du);
     for (int e = threadIdx.x; e < C::BI * DP; e += kThreads) {
@@ -417,17 +345,9 @@ __global__ void __launch_bounds__(kThreads)
     return StepTiles{first_image, first_text, w0, h};
   };
   const PairStats st = pair_stats(sm, 0);
-
-  using namespace nvcuda;
-  constexpr int kDCols = DP / 16;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk_frag[C::kWmma ? kDCols : 1], dv_frag[C::kWmma ? kDCols : 1];
-  if constexpr (C::kWmma) {
-#pragma unroll
-    for (int c = 0; c < kDCols; ++c) {
-      wmma::fill_fragment(dk_frag[c], 0.f);
-      wmma::fill_fragment(dv_frag[c], 0.f);
-    }
-  } else {
+  // Tensor cores: each warp keeps 16 slots' rows of dk and dv in registers; float32: they live in sm.facc().
+  float dk_acc[C::kTensorCores ? DP / 8 : 1][4] = {}, dv_acc[C::kTensorCores ? DP / 8 : 1][4] = {};
+  if constexpr (!C::kTensorCores) {
     for (int e = threadIdx.x; e < 2 * C::BN * DP; e += kThreads) sm.facc()[e] = 0.f;
   }
 
@@ -435,42 +355,53 @@ __global__ void __launch_bounds__(kThreads)
   stager.start(tiles_at(0, 0));
   for (int64_t first_image = 0; first_image < p.num_images; first_image += C::BI) {
     for (int in_tile = 0; in_tile < steps_per_tile; ++in_tile) {
+      const bool stats_step = in_tile < chunks && !one_chunk;
       const StepTiles cur = tiles_at(first_image, in_tile);
       const bool last_in_tile = in_tile + 1 == steps_per_tile;
       const StepTiles next = last_in_tile ? tiles_at(first_image + C::BI, 0) : tiles_at(first_image, in_tile + 1);
       const bool has_next = !last_in_tile || first_image + C::BI < p.num_images;
       stager.begin_step(cur, next, has_next);
-      if (in_tile == 0) load_grad<C>(st.acc, p, grad, first_image, first_text);
       const T* q_tile = sm.q(stager.image_stage);
       const T* u_tile = sm.u(stager.image_stage);
       const float* keep = sm.keep(stager.word_stage);
-      tile_products<T, DP>(q_tile, u_tile, sm.k(stager.word_stage), sm.v(stager.word_stage), sm.s(), sm.r());
-      __syncthreads();
-      if (in_tile < chunks) {  // statistics (the whole step when one chunk holds the texts)
-        update_stats<C>(sm.s(), sm.r(), keep, st, p, in_tile == 0);
-        if (in_tile == chunks - 1) finalize_stats<C>(st, p);
-        if (!one_chunk) {
-          stager.end_step(cur, next, has_next);
-          continue;
-        }
-        __syncthreads();
-      }
-      chunk_grads<T, DP>(sm.s(), sm.r(), keep, st, sm.ds(), sm.dr(), p);
-      __syncthreads();
-      if constexpr (C::kWmma) {
-        // dS^T as a col-major [BN, BI] matrix is dS's row-major [BI, BN] storage.
-        accumulate_gradient<T, DP, C::BI, wmma::col_major>(dk_frag, sm.ds(), q_tile);
-        accumulate_gradient<T, DP, C::BI, wmma::col_major>(dv_frag, sm.dr(), u_tile);
-      } else {
-        for (int e = threadIdx.x; e < C::BN * DP; e += kThreads) {
-          const int n = e / DP, d = e % DP;
-          float gk = 0.f, gv = 0.f;
-          for (int i = 0; i < C::BI; ++i) {
-            gk += to_float(sm.ds()[i * C::LDG + n]) * to_float(q_tile[i * C::LDX + d]);
-            gv += to_float(sm.dr()[i * C::LDG + n]) * to_float(u_tile[i * C::LDX + d]);
+      if constexpr (C::kTensorCores) {
+        WarpTile<T, DP> w;
+        warp_products<T, DP>(q_tile, u_tile, sm.k(stager.word_stage), sm.v(stager.word_stage), w);
+        dispatch_text_tiles(p, [&]<int kTilesPerText>() {
+          if (stats_step) {
+            warp_stats_step<T, DP, kTilesPerText>(w, keep, st, p, in_tile == 0, in_tile == chunks - 1);
+          } else {
+            warp_grads<T, DP, kTilesPerText>(w, keep, st, grad, p, first_image, first_text, one_chunk);
           }
-          sm.facc()[e] += gk;
-          sm.facc()[C::BN * DP + e] += gv;
+        });
+        if (!stats_step) {  // dk += dS^T Q, dv += dR^T U: dS, dR change hands between warps through shared memory
+          store_grad_tiles<T, DP>(w, sm.ds(), sm.dr());
+          __syncthreads();
+          accumulate_transposed<T, DP, C::BI>(dk_acc, sm.ds(), q_tile);
+          accumulate_transposed<T, DP, C::BI>(dv_acc, sm.dr(), u_tile);
+        }
+      } else {
+        if (in_tile == 0) load_grad<C>(st.acc, p, grad, first_image, first_text);
+        float_products<DP>(q_tile, u_tile, sm.k(stager.word_stage), sm.v(stager.word_stage), sm.s(), sm.r());
+        __syncthreads();
+        if (in_tile < chunks) {  // statistics (the whole step when one chunk holds the texts)
+          update_stats<C>(sm.s(), sm.r(), keep, st, p, in_tile == 0);
+          if (in_tile == chunks - 1) finalize_stats<C>(st, p);
+          if (one_chunk) __syncthreads();
+        }
+        if (!stats_step) {
+          chunk_grads<T, DP>(sm.s(), sm.r(), keep, st, sm.ds(), sm.dr(), p);
+          __syncthreads();
+          for (int e = threadIdx.x; e < C::BN * DP; e += kThreads) {
+            const int n = e / DP, d = e % DP;
+            float gk = 0.f, gv = 0.f;
+            for (int i = 0; i < C::BI; ++i) {
+              gk += to_float(sm.ds()[i * C::LDG + n]) * to_float(q_tile[i * C::LDX + d]);
+              gv += to_float(sm.dr()[i * C::LDG + n]) * to_float(u_tile[i * C::LDX + d]);
+            }
+            sm.facc()[e] += gk;
+            sm.facc()[C::BN * DP + e] += gv;
+          }
         }
       }
       stager.end_step(cur, next, has_next);
@@ -485,9 +416,9 @@ __global__ void __launch_bounds__(kThreads)
       }
     };
   };
-  if constexpr (C::kWmma) {
-    write_fragments<T, DP, C::BN>(dk_frag, sm.s(), store_to(dk));
-    write_fragments<T, DP, C::BN>(dv_frag, sm.r(), store_to(dv));
+  if constexpr (C::kTensorCores) {
+    store_warp_rows<DP>(dk_acc, store_to(dk));
+    store_warp_rows<DP>(dv_acc, store_to(dv));
   } else {
     const auto store_dk = store_to(dk), store_dv = store_to(dv);
     for (int e = threadIdx.x; e < C::BN * DP; e += kThreads) {

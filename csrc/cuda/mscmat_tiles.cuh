@@ -1,7 +1,7 @@
 // Tiles, shared-memory layouts and the global -> shared loaders of the msa::mscmat_scores CUDA kernels.
 //
 // Needs, included before it, either device_primitives.cuh (CUDA) or tests/cuda_emulation/cuda_emulation.h (CPU):
-// half/bfloat16, WMMA, MSA_DYNAMIC_SHARED and cp_async_16 / cp_async_commit / cp_async_wait.
+// half/bfloat16, MSA_DYNAMIC_SHARED and cp_async_16 / cp_async_commit / cp_async_wait.
 //
 // Staging. Every thread copies the same 16-byte column chunk of a fixed set of rows of each tile, so its global
 // offsets are one 64-bit base per tile (its thread part computed once per kernel) plus, per 16-byte chunk, a row
@@ -22,7 +22,7 @@
 namespace msa {
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps; with WMMA each warp owns 16 rows of a 64-row tile
+constexpr int kThreads = 128;  // 4 warps; on tensor cores each warp owns 16 rows of a 64-row tile
 constexpr int kMinSlotsPerText = 16;
 constexpr int kMaxImageTilesPerBlock = 4;  // forward: image tiles that share one block's staged k and v
 // The largest dynamic shared memory a block may opt into on sm_80 (163 KB); sm_90 allows 227 KB.
@@ -63,19 +63,19 @@ struct Shape {
 };
 
 // Tile sizes of one block, shared by host (launch sizes) and device.
-// Row pads keep rows 16-byte aligned (cp.async; WMMA needs multiples of 8 halves / 4 floats as well) and move
+// Row pads keep rows 16-byte aligned (cp.async, ldmatrix) and move
 // consecutive rows 4 banks apart.
 template <typename T, int DP>
 struct Tiles {
-  static constexpr bool kWmma = !std::is_same<T, float>::value;
-  static constexpr int BI = kWmma ? 64 : 32;  // images per tile
-  static constexpr int BN = kWmma ? 64 : 32;  // word slots per tile
+  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
+  static constexpr int BI = kTensorCores ? 64 : 32;  // images per tile
+  static constexpr int BN = kTensorCores ? 64 : 32;  // word slots per tile
   static constexpr int kMaxTexts = BN / kMinSlotsPerText;
   static constexpr int kPairs = BI * kMaxTexts;
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte chunk
   static constexpr int LDX = DP + kVec;                          // rows of Q, U, K, V
   static constexpr int LDS = BN + 4;                             // rows of S, R (float)
-  static constexpr int LDG = BN + (kWmma ? 8 : 1);               // rows of dS, dR
+  static constexpr int LDG = BN + (kTensorCores ? 8 : 1);               // rows of dS, dR
   // Chunk ownership: thread t copies column chunk t % kChunksPerRow of rows t / kChunksPerRow + c * kRowsPerPass.
   static constexpr int kChunksPerRow = DP / kVec;
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
@@ -86,8 +86,9 @@ struct Tiles {
 };
 
 // Shared-memory layout of one kernel: IMAGE_STAGES buffers of Q, U and WORD_STAGES of K, V (+ their word mask),
-// S and R, per-pair statistics for GROUPS image tiles, and with GRADS the dS, dR tiles (and, without tensor
-// cores, float32 gradient accumulators). Offsets in bytes; every region starts on a 128-byte boundary.
+// S and R (float32 only: tensor cores keep them in registers), per-pair statistics for GROUPS image tiles, and
+// with GRADS the dS, dR tiles (and, without tensor cores, float32 gradient accumulators).
+// Offsets in bytes; every region starts on a 128-byte boundary.
 template <typename T, int DP, int IMAGE_STAGES, int WORD_STAGES, int GROUPS, bool GRADS>
 struct Layout {
   using C = Tiles<T, DP>;
@@ -102,15 +103,16 @@ struct Layout {
   static constexpr size_t kK = kU + IMAGE_STAGES * kImageTile;
   static constexpr size_t kV = kK + WORD_STAGES * kWordTile;
   static constexpr size_t kKeep = kV + WORD_STAGES * kWordTile;
+  static constexpr size_t kScoreTile = C::kTensorCores ? 0 : align(sizeof(float) * C::BI * C::LDS);
   static constexpr size_t kS = align(kKeep + sizeof(float) * WORD_STAGES * C::BN);
-  static constexpr size_t kR = kS + align(sizeof(float) * C::BI * C::LDS);
-  static constexpr size_t kStats = kR + align(sizeof(float) * C::BI * C::LDS);  // 4 arrays per group
+  static constexpr size_t kR = kS + kScoreTile;
+  static constexpr size_t kStats = kR + kScoreTile;  // 4 arrays per group
   static constexpr size_t kDS = kStats + align(sizeof(float) * 4 * GROUPS * C::kPairs);
   static constexpr size_t kGradTile = GRADS ? align(sizeof(T) * C::BI * C::LDG) : 0;
   static constexpr size_t kDR = kDS + kGradTile;
   static constexpr size_t kAcc = kDR + kGradTile;
   static constexpr size_t kBytes =
-      kAcc + (GRADS && !C::kWmma ? sizeof(float) * 2 * (C::BI > C::BN ? C::BI : C::BN) * DP : 0);
+      kAcc + (GRADS && !C::kTensorCores ? sizeof(float) * 2 * (C::BI > C::BN ? C::BI : C::BN) * DP : 0);
   static_assert(kBytes <= kSharedMemoryBudget, "tiles exceed the shared memory of sm_80");
 };
 

@@ -1,15 +1,18 @@
-// Just enough of CUDA, WMMA and cp.async to run the kernels of csrc/cuda (mscmat_tiles.cuh, mscmat_kernels.cuh)
-// on a CPU, for machines without a GPU: the CPU counterpart of csrc/cuda/device_primitives.cuh.
+// Just enough of CUDA, cp.async, ldmatrix, mma.sync and warp shuffles to run the kernels of csrc/cuda
+// (mscmat_tiles.cuh, mscmat_warp.cuh, mscmat_kernels.cuh) on a CPU, for machines without a GPU: the CPU
+// counterpart of csrc/cuda/device_primitives.cuh.
 //
 // A block runs as one std::thread per CUDA thread; __syncthreads() is a std::barrier of the block, and the
-// dynamic shared memory is one buffer per block. A WMMA fragment holds its whole 16x16 tile, kept by lane 0
-// of its warp only: lane 0 loads, multiplies and stores, the other lanes skip (they would compute the same),
-// which keeps the warp-collective semantics while doing the work once. Half and bfloat16 round like the GPU's
-// (_Float16, and round-to-nearest-even to the upper 16 bits of a float). cp_async_16 checks that both
+// dynamic shared memory is one buffer per block. The warp collectives (ldmatrix_x4, ldmatrix_x4_trans,
+// mma_16816, __shfl_xor_sync, __syncwarp) meet at a barrier of the warp: each lane publishes its registers (or
+// row address), then computes its own result from the others' as the PTX ISA lays fragments out across lanes, so
+// a wrong lane mapping in a kernel gives wrong numbers here too. Half and bfloat16 round like the GPU's
+// (_Float16, and round-to-nearest-even to the upper 16 bits of a float); products accumulate in float32 in
+// k order, which differs from the tensor cores' order only in rounding. cp_async_16 checks that both
 // addresses are 16-byte aligned, reads the source at once and writes shared memory only when a
 // cp_async_wait<N>() covers its group, so reading a tile before waiting for it sees stale data; a kernel that
-// ends with copies still pending is reported. What this cannot show: real races between lanes of a warp, the
-// register or shared-memory budget, and speed.
+// ends with copies still pending is reported. What this cannot show: races between lanes of a warp that the
+// collectives' barriers order, the register or shared-memory budget, and speed.
 #pragma once
 
 #include <array>
@@ -37,6 +40,10 @@ struct dim3 {
   dim3(unsigned x_, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+struct alignas(8) float2 {
+  float x, y;
+};
+
 struct alignas(16) float4 {
   float x, y, z, w;
 };
@@ -44,6 +51,13 @@ struct alignas(16) float4 {
 namespace cuda_emulation {
 inline thread_local std::barrier<>* current_barrier = nullptr;
 inline thread_local unsigned char* current_shared_memory = nullptr;
+
+// What the 32 lanes of a warp publish for a collective: up to 8 32-bit registers each.
+struct Warp {
+  std::barrier<> barrier{32};
+  uint32_t published[32][8] = {};
+};
+inline thread_local Warp* current_warp = nullptr;
 
 struct PendingCopy {
   void* dst;
@@ -111,67 +125,107 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
   return __nv_bfloat16{static_cast<uint16_t>(bits >> 16)};
 }
 
-namespace nvcuda::wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
+namespace cuda_emulation {
+inline unsigned lane() { return threadIdx.x % 32; }
 
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulation knows 16x16x16 tiles only");
-  float x[16][16];  // the logical tile: rows x columns of A (M x K), B (K x N) or the accumulator (M x N)
-};
+// Publishes this lane's `count` registers and waits for the whole warp; then published(l, r) reads lane l's r-th.
+inline void publish(const uint32_t* registers, int count) {
+  std::memcpy(current_warp->published[lane()], registers, sizeof(uint32_t) * static_cast<size_t>(count));
+  current_warp->barrier.arrive_and_wait();
+}
+inline uint32_t published(unsigned from_lane, int r) { return current_warp->published[from_lane][r]; }
+// Ends a collective: no lane publishes the next one before every lane has read this one.
+inline void finish_collective() { current_warp->barrier.arrive_and_wait(); }
 
-inline bool lane_zero() { return threadIdx.x % 32 == 0; }
-inline float as_float(float v) { return v; }
-inline float as_float(__half v) { return __half2float(v); }
-inline float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename Use, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& frag, const T* ptr, unsigned ld) {
-  if (!lane_zero()) return;
-  for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) {
-      frag.x[r][c] = as_float(std::is_same_v<Layout, col_major> ? ptr[c * ld + r] : ptr[r * ld + c]);
-    }
+template <typename T>
+float half_to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half h;
+    std::memcpy(&h.value, &bits, sizeof(bits));
+    return __half2float(h);
+  } else {
+    return __bfloat162float(__nv_bfloat16{bits});
   }
+}
+
+// Element `half` (0: low, 1: high) of a register holding two 16-bit values.
+template <typename T>
+float element(uint32_t word, int half) {
+  return half_to_float<T>(static_cast<uint16_t>(half ? word >> 16 : word & 0xFFFFu));
+}
+}  // namespace cuda_emulation
+
+inline void __syncwarp() { cuda_emulation::finish_collective(); }
+
+inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  cuda_emulation::publish(&bits, 1);
+  bits = cuda_emulation::published(cuda_emulation::lane() ^ static_cast<unsigned>(lane_mask), 0);
+  cuda_emulation::finish_collective();
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+namespace msa {
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) cuda_emulation::fail("ldmatrix with a row not 16-byte aligned");
+  const auto address = reinterpret_cast<uintptr_t>(row);
+  const uint32_t halves[2] = {static_cast<uint32_t>(address), static_cast<uint32_t>(address >> 32)};
+  cuda_emulation::publish(halves, 2);
+  const unsigned l = cuda_emulation::lane();
+  for (unsigned j = 0; j < 4; ++j) {
+    const unsigned from = 8 * j + l / 4;  // the lane that gave row l / 4 of matrix j
+    const uintptr_t base = static_cast<uintptr_t>(cuda_emulation::published(from, 0)) |
+                           static_cast<uintptr_t>(cuda_emulation::published(from, 1)) << 32;
+    std::memcpy(&r[j], reinterpret_cast<const unsigned char*>(base) + 4 * (l % 4), sizeof(uint32_t));
+  }
+  cuda_emulation::finish_collective();
+}
+
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) cuda_emulation::fail("ldmatrix with a row not 16-byte aligned");
+  const auto address = reinterpret_cast<uintptr_t>(row);
+  const uint32_t halves[2] = {static_cast<uint32_t>(address), static_cast<uint32_t>(address >> 32)};
+  cuda_emulation::publish(halves, 2);
+  const unsigned l = cuda_emulation::lane();
+  for (unsigned j = 0; j < 4; ++j) {
+    uint16_t pair[2];
+    for (unsigned e = 0; e < 2; ++e) {
+      const unsigned from = 8 * j + 2 * (l % 4) + e;  // the lane that gave row 2 (l % 4) + e of matrix j
+      const uintptr_t base = static_cast<uintptr_t>(cuda_emulation::published(from, 0)) |
+                             static_cast<uintptr_t>(cuda_emulation::published(from, 1)) << 32;
+      std::memcpy(&pair[e], reinterpret_cast<const unsigned char*>(base) + 2 * (l / 4), sizeof(uint16_t));
+    }
+    r[j] = static_cast<uint32_t>(pair[0]) | static_cast<uint32_t>(pair[1]) << 16;
+  }
+  cuda_emulation::finish_collective();
 }
 
 template <typename T>
-void fill_fragment(fragment<accumulator, 16, 16, 16, T>& frag, float value) {
-  for (auto& row : frag.x) {
-    for (float& v : row) v = value;
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t registers[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  cuda_emulation::publish(registers, 6);
+  // A[row][k] and B[k][col] from the lanes that hold them (see device_primitives.cuh for the layout).
+  const auto a_at = [](int row, int k) {
+    const unsigned from = static_cast<unsigned>((row % 8) * 4 + (k % 8) / 2);
+    return cuda_emulation::element<T>(cuda_emulation::published(from, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)), k % 2);
+  };
+  const auto b_at = [](int k, int col) {
+    const unsigned from = static_cast<unsigned>(col * 4 + (k % 8) / 2);
+    return cuda_emulation::element<T>(cuda_emulation::published(from, 4 + (k >= 8 ? 1 : 0)), k % 2);
+  };
+  const int g = static_cast<int>(cuda_emulation::lane() / 4), t = static_cast<int>(cuda_emulation::lane() % 4);
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + e % 2;
+    float sum = d[e];
+    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+    d[e] = sum;
   }
+  cuda_emulation::finish_collective();
 }
-
-template <typename TA, typename LA, typename TB, typename LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  if (!lane_zero()) return;
-  float out[16][16];
-  for (int r = 0; r < 16; ++r) {
-    for (int col = 0; col < 16; ++col) {
-      float sum = c.x[r][col];
-      for (int k = 0; k < 16; ++k) sum += a.x[r][k] * b.x[k][col];
-      out[r][col] = sum;
-    }
-  }
-  std::memcpy(d.x, out, sizeof(out));
-}
-
-inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float>& frag, unsigned ld,
-                              layout_t layout) {
-  if (!lane_zero()) return;
-  for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) {
-      (layout == mem_row_major ? ptr[r * ld + c] : ptr[c * ld + r]) = frag.x[r][c];
-    }
-  }
-}
-}  // namespace nvcuda::wmma
+}  // namespace msa
 
 namespace cuda_emulation {
 // kernel<<<grid, threads, shared_bytes>>>(args...), one block after the other.
@@ -184,6 +238,8 @@ void launch(void (*kernel)(Params...), dim3 grid, unsigned threads, size_t share
       // Garbage, not zeros, in shared memory: a kernel must not rely on it being cleared.
       for (size_t i = 0; i < shared_bytes; ++i) shared[i] = static_cast<unsigned char>(0xA5 ^ (i * 31));
       std::barrier<> barrier(threads);
+      if (threads % 32 != 0) fail("blocks must be whole warps");
+      std::vector<Warp> warps(threads / 32);
       std::vector<std::thread> workers;
       workers.reserve(threads);
       for (unsigned t = 0; t < threads; ++t) {
@@ -191,6 +247,7 @@ void launch(void (*kernel)(Params...), dim3 grid, unsigned threads, size_t share
           threadIdx = dim3(t);
           blockIdx = dim3(bx, by);
           current_barrier = &barrier;
+          current_warp = &warps[t / 32];
           current_shared_memory = shared;
           kernel(args...);
           bool pending = !open_copies.empty();

@@ -9,6 +9,7 @@
 #include "cuda_emulation.h"
 // clang-format off
 #include "../../csrc/cuda/mscmat_tiles.cuh"
+#include "../../csrc/cuda/mscmat_warp.cuh"
 #include "../../csrc/cuda/mscmat_kernels.cuh"
 // clang-format on
 
@@ -44,7 +45,13 @@ T from_f(float x) {
 
 template <typename T>
 double to_d(T x) {
-  return static_cast<double>(nvcuda::wmma::as_float(x));
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(x);
+  } else {
+    return __bfloat162float(x);
+  }
 }
 
 struct Reference {
@@ -89,7 +96,10 @@ Reference reference(const std::vector<double>& q, const std::vector<double>& u, 
         out.scores[i * c.nt + j] += o;
         const double gij = g[i * c.nt + j];
         for (int64_t l = 0; l < L; ++l) {
-          const double ds = gij * p[l] * (r[l] - o) * scale, dr = gij * p[l];
+          // A masked word is outside the softmax: weight 0 even when the pair's o is NaN (its dk, dv are then 0
+          // times q, u, as in the kernels' products: NaN only where q or u is).
+          const bool valid = s[l] != -INFINITY;
+          const double ds = valid ? gij * p[l] * (r[l] - o) * scale : 0.0, dr = valid ? gij * p[l] : 0.0;
           const int64_t word = ((j * L + l) * H + h) * D;
           for (int64_t d = 0; d < D; ++d) {
             out.dq[(i * H + h) * D + d] += ds * k[word + d];
@@ -278,6 +288,9 @@ int main() {
       {"bf16", 200, 9, 32, 2, 64, "random", 4},
       {"bf16", 40, 5, 10, 2, 20, "masked-texts", 2},
       {"bf16", 40, 5, 10, 2, 64, "none", 1, false, true},
+      {"f16", 30, 5, 70, 1, 64, "random", 2, false, true},
+      {"f16", 30, 5, 70, 1, 64, "none", 2, false, true},
+      {"f16", 30, 5, 10, 1, 64, "random", 2, false, true},
       {"bf16", 70, 3, 70, 1, 128, "random", 2, true},
       {"f32", 21, 6, 40, 2, 32, "masked-texts", 2, false, false, true},
       {"f16", 70, 5, 19, 2, 64, "random", 1, true, false, true},
