@@ -84,8 +84,9 @@ def _specs_for(dtype: str, num_words: int, head_dim: int, has_mask: bool, every_
 
 
 def launched_specs() -> list[Spec]:
-    """What tests/test_ops_gpu.py (autotuning off: the first fitting tile) and bench_gpu_targets.py /
-    bench_mscmat.py (autotuned: every fitting tile; L = 32, H = 12, Dh = 64, no mask) launch on a GPU."""
+    """What tests/test_ops_gpu.py (autotuning off: the first fitting tile) and bench_gpu_targets.py,
+    bench_backends.py, bench_train_step.py and bench_mscmat.py (autotuned: every fitting tile; L = 32, H = 12,
+    Dh = 64, no mask) launch on a GPU."""
     sys.path.insert(0, str(REPO / "tests"))
     import test_ops_gpu
 

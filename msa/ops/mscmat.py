@@ -9,6 +9,7 @@ import os
 import torch
 
 from msa.ops import _extension
+from msa.ops.backend_choice import measured_choice
 from msa.ops.reference import mscmat_scores_ref
 
 if _extension.EXTENSION_LOADED:
@@ -116,9 +117,10 @@ def backend_available(backend: str, device: torch.device | str) -> bool:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run on ``device``, fastest first (the order ``backend="auto"`` tries them)."""
-    # On a GPU, Triton first: on an H200 it was 4.4x (forward) and 6.4x (backward) faster than the CUDA kernel at
-    # Ni = Nt = 4096 in bf16; the CUDA kernel was faster only at B = 128 and in float32 (README, "GPU kernels").
+    """The backends that can run on ``device``, fastest first: the order ``backend="auto"`` takes where no
+    measurement of this card says otherwise (see :func:`resolve_backend`)."""
+    # On a GPU, Triton first: on an H200 it was 4.4x (forward) and 6.4x (backward) faster than the WMMA CUDA kernel
+    # at Ni = Nt = 4096 in bf16, which was faster only at B = 128 and in float32 (README, "GPU kernels").
     order = {"cpu": ["cpu"], "cuda": ["triton", "cuda"]}.get(torch.device(device).type, [])
     return [name for name in order if backend_available(name, device)] + ["reference"]
 
@@ -161,11 +163,21 @@ def _warn_once_about_fallback(device: torch.device) -> None:
     )
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
+def resolve_backend(
+    backend: str,
+    device: torch.device | str,
+    *,
+    dtype: torch.dtype | None = None,
+    work: int | None = None,
+    training: bool = False,
+) -> str:
     """The concrete backend that ``backend`` names for tensors on ``device``.
 
-    ``"auto"`` (overridable by the ``MSA_BACKEND`` environment variable) picks the first of
-    :func:`available_backends`; an explicit backend that cannot run raises ``RuntimeError`` naming the fix.
+    ``"auto"`` (overridable by the ``MSA_BACKEND`` environment variable) picks, given the call's ``dtype`` and
+    ``work`` (Ni Nt L H Dh), the backend measured faster on this card for that dtype, size and use (``training``:
+    forward + backward), where ``msa/ops/backend_choices.json`` has measurements (:mod:`msa.ops.backend_choice`),
+    else the first of :func:`available_backends`. An explicit backend that cannot run raises ``RuntimeError``
+    naming the fix.
     """
     device = torch.device(device)
     if backend == "auto":
@@ -175,7 +187,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
                 f"unknown backend {backend!r} in the MSA_BACKEND environment variable; expected one of {BACKENDS}"
             )
         if backend == "auto":
-            chosen = available_backends(device)[0]
+            candidates = available_backends(device)
+            chosen = candidates[0]
+            if dtype is not None and work is not None:
+                chosen = measured_choice(device, dtype, work, training, candidates) or chosen
             if chosen == "reference":
                 _warn_once_about_fallback(device)
             return chosen
@@ -267,7 +282,9 @@ def mscmat_scores(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
-    chosen = resolve_backend(backend, q.device)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, u, k, v))
+    work = q.shape[0] * k.shape[0] * k.shape[1] * q.shape[1] * q.shape[2]
+    chosen = resolve_backend(backend, q.device, dtype=q.dtype, work=work, training=training)
     if word_mask is not None and word_mask.dtype != torch.bool:
         word_mask = word_mask != 0
     if chosen == "reference":
@@ -278,7 +295,7 @@ def mscmat_scores(
         from msa.kernels.mscmat_triton import mscmat_scores_triton
 
         return mscmat_scores_triton(q, u, k, v, word_mask, scale)
-    if chosen == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, u, k, v)):
+    if chosen == "cpu" and training:
         keep_softmax = saved_softmax_bytes(q, k) <= _saved_softmax_budget
         return torch.ops.msa.mscmat_scores_for_grad(q, u, k, v, word_mask, scale, keep_softmax)[0]
     return torch.ops.msa.mscmat_scores(q, u, k, v, word_mask, scale)
