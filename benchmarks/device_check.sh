@@ -12,17 +12,21 @@
 #   (a) build       pip install -e . with the CUDA kernels, as a user would     OUT_DIR/build.log
 #   (b) smoke       every backend x dtype, one odd shape, fwd + grads vs f64     OUT_DIR/smoke.{log,jsonl}
 #   (c) targets     benchmarks/bench_gpu_targets.py (bf16)                      OUT_DIR/bench_gpu_targets_*
-#   (d) tests       pytest -v tests/test_ops_gpu.py, API-risk tests first       OUT_DIR/gpu_tests*.log
-#   (e) profile     ncu of the forward and backward kernels at the target shape OUT_DIR/ncu_*.txt
-#   (f) train step  benchmarks/bench_train_step.py, published sizes, B = 128,   OUT_DIR/bench_train_step.*
+#   (d) train step  benchmarks/bench_train_step.py, published sizes, B = 128,   OUT_DIR/bench_train_step.*
 #                   bf16 autocast: the MSCMAT part's share of a training step
-#   (g) benchmark   benchmarks/bench_mscmat.py (bf16 first)                     OUT_DIR/bench_mscmat_*
+#   (e) backends    benchmarks/bench_backends.py: triton vs cuda over sizes,    OUT_DIR/backend_choice.*
+#                   bf16 and fp32, inference and training: auto's measured choice for this card
+#                   (bench_backends.py --install OUT_DIR/backend_choice.json merges it into msa/ops/)
+#   (f) tests       pytest -v tests/test_ops_gpu.py, API-risk tests first       OUT_DIR/gpu_tests*.log
+#   (g) profile     ncu of the forward and backward kernels at the target shape OUT_DIR/ncu_*.txt
+#   benchmarks/bench_mscmat.py (the op against the reference over batch sizes) runs apart: it needs more time
+#   than the 8 minutes leave.
 #   OUT_DIR/environment.txt: card, versions, toolkit, `backends on cuda: [...]`, phase log; OUT_DIR/summary.md.
 #
 # The CUDA toolkit is the first folder holding include/cuda_runtime.h among: $CUDA_HOME, the TOP that
 # `nvcc --dryrun` reports (nvcc on PATH may be a wrapper script), torch's own CUDA_HOME, /usr/local/cuda.
 # Knobs: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this card's; 9.0 for --dry-run),
-# {BUILD,SMOKE,TARGETS,TEST,PROFILE,TRAIN,BENCH,COMPILE}_SECONDS (phase limits; their defaults add up to 8 minutes,
+# {BUILD,SMOKE,TARGETS,TRAIN,BACKENDS,TEST,PROFILE,COMPILE}_SECONDS (phase limits; their defaults add up to 8 minutes,
 # 3 with --quick; a fresh H200 machine built msa with its CUDA kernels in 89 s, the Triton smoke compiles ~15 s a dtype).
 set -uo pipefail
 
@@ -37,10 +41,11 @@ out=$(cd "$out" && pwd)
 case $mode in
   quick) : "${BUILD_SECONDS:=110}" "${SMOKE_SECONDS:=35}" "${TARGETS_SECONDS:=45}" ;;
   dry-run) : "${BUILD_SECONDS:=900}" ;;  # two CPU cores of a CI machine, no GPU: no hurry
-  *) : "${BUILD_SECONDS:=110}" "${SMOKE_SECONDS:=80}" "${TARGETS_SECONDS:=60}" ;;
+  *) : "${BUILD_SECONDS:=110}" "${SMOKE_SECONDS:=60}" "${TARGETS_SECONDS:=60}" ;;
 esac
-# Full run: 110 + 80 + 60 + 2 x 50 + 2 x 25 + 50 + 30 = 480 s at most (a first H200 run took 331 s of 440).
-: "${TEST_SECONDS:=50}" "${PROFILE_SECONDS:=25}" "${TRAIN_SECONDS:=50}" "${BENCH_SECONDS:=30}" "${COMPILE_SECONDS:=1500}"
+# Full run: 110 + 60 + 60 + 50 + 50 + 2 x 45 + 2 x 25 = 470 s at most (H200 runs: build 64-89 s, smoke 32 s,
+# targets 36-42 s, tests 37 + 38 s, ncu 23 + 17 s).
+: "${TRAIN_SECONDS:=50}" "${BACKENDS_SECONDS:=50}" "${TEST_SECONDS:=45}" "${PROFILE_SECONDS:=25}" "${COMPILE_SECONDS:=1500}"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 started=$SECONDS
@@ -133,7 +138,13 @@ else
   run_phase targets "$TARGETS_SECONDS" "$out/targets.log" \
     "$py" benchmarks/bench_gpu_targets.py --out "$out" --repeats 5
   if [ "$mode" = full ]; then
-    # --- (d) tests: the API-risk tests first (opcheck, torch.compile, 64-bit sizes), then the rest -----------
+    # --- (d) the training-step target: MSCMAT (4 scales, fused, fwd + bwd) against the whole published step --
+    run_phase "train step" "$TRAIN_SECONDS" "$out/train_step.log" \
+      "$py" benchmarks/bench_train_step.py --sizes published --batches 128 --providers fused --precision bf16 \
+      --max-published-step-batch 128 --repeats 5 --out "$out"
+    # --- (e) which backend auto should take on this card, from both kernels timed side by side -------------
+    run_phase backends "$BACKENDS_SECONDS" "$out/backends.log" "$py" benchmarks/bench_backends.py --out "$out"
+    # --- (f) tests: the API-risk tests first (opcheck, torch.compile, 64-bit sizes), then the rest -----------
     # A test past 90 s fails (pytest-timeout) or, without that plugin, has its traceback dumped (faulthandler);
     # either way -v has written every finished test's line before the phase limit can cut it.
     per_test=(-o faulthandler_timeout=90)
@@ -146,7 +157,7 @@ else
       "$py" -m pytest -v -rfEs "${per_test[@]}" "${parallel[@]}" -k "$risky" tests/test_ops_gpu.py
     run_phase "tests (rest)" "$TEST_SECONDS" "$out/gpu_tests.log" \
       "$py" -m pytest -v -rfEs "${per_test[@]}" "${parallel[@]}" -k "not ($risky)" tests/test_ops_gpu.py
-    # --- (e) ncu profile of the kernels at the target shape, when ncu can read the counters ------------------
+    # --- (g) ncu profile of the kernels at the target shape, when ncu can read the counters ------------------
     if command -v ncu >/dev/null 2>&1; then
       for backend in triton cuda; do
         run_phase "ncu $backend" "$PROFILE_SECONDS" "$out/ncu_$backend.txt" \
@@ -158,13 +169,6 @@ else
     else
       note "ncu not found: no profile"
     fi
-    # --- (f) the training-step target: MSCMAT (4 scales, fused, fwd + bwd) against the whole published step --
-    run_phase "train step" "$TRAIN_SECONDS" "$out/train_step.log" \
-      "$py" benchmarks/bench_train_step.py --sizes published --batches 128 --providers fused --precision bf16 \
-      --max-published-step-batch 128 --repeats 5 --out "$out"
-    # --- (g) the full benchmark ----------------------------------------------------------------------------
-    run_phase benchmark "$BENCH_SECONDS" "$out/bench.log" \
-      "$py" benchmarks/bench_mscmat.py --out "$out" --repeats 3 --no-pairs
   fi
 fi
 
@@ -177,7 +181,7 @@ fi
   echo "|---|---|---:|---|"
   printf '%s\n' "${summary[@]}"
   [ -f "$out/smoke.log" ] && { echo; cat "$out/smoke.log" | grep -E "^(ok|FAIL)" ; }
-  for table in "$out"/bench_gpu_targets_*.md "$out"/bench_train_step.md; do [ -f "$table" ] && { echo; cat "$table"; }; done
+  for table in "$out"/bench_gpu_targets_*.md "$out"/bench_train_step.md "$out"/backend_choice.md; do [ -f "$table" ] && { echo; cat "$table"; }; done
   echo
   echo "total $((SECONDS - started)) s, status $failed"
 } >"$out/summary.md"
