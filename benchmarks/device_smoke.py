@@ -11,6 +11,11 @@ appended to DIR/smoke.jsonl as it finishes.
 
 profile: one autotune-free forward and backward at the benchmark's target shape (bf16, 4096 x 4096, L = 32,
 H = 12, Dh = 64), for running under ncu.
+
+Both modes end with the registers, spills and shared memory of every Triton kernel this process compiled, as the
+driver reports them when it loads the kernel (smoke: DIR/triton_kernels.md): the offline sm_90 report reads
+ptxas's output instead, and the two disagreed on the first H200 run (255 registers offline for the default
+forward tile, at most 85 on the card, where three blocks fitted per SM).
 """
 
 from __future__ import annotations
@@ -89,6 +94,34 @@ def smoke_one(backend: str, dtype: torch.dtype, seed: int) -> dict:
     }
 
 
+KERNEL_CONSTANTS = ("HEAD_DIM", "BLOCK_L", "HAS_MASK", "ONE_CHUNK", "BLOCK_I", "BLOCK_T")
+
+
+def triton_kernel_resources() -> list[str]:
+    """One markdown row per Triton kernel compiled and loaded in this process: its constants, warps, stages,
+    shared memory, and the registers and spills the driver reports."""
+    from msa.kernels import mscmat_kernels
+
+    rows = []
+    for name in ("mscmat_scores_fwd_kernel", "mscmat_scores_bwd_images_kernel", "mscmat_scores_bwd_words_kernel"):
+        jit = getattr(mscmat_kernels, name).fn  # the autotuner's JIT function
+        for caches in getattr(jit, "device_caches", {}).values():
+            for kernel in caches[0].values():
+                try:
+                    kernel._init_handles()  # loads it (a no-op when it ran): sets n_regs and n_spills
+                    names = {jit.arg_names[key[0]]: value for key, value in kernel.src.constants.items()}
+                    constants = ", ".join(f"{c}={names[c]}" for c in KERNEL_CONSTANTS if c in names)
+                    meta = kernel.metadata
+                    rows.append(
+                        f"| {name.removeprefix('mscmat_scores_')} | {constants} | {meta.num_warps} | "
+                        f"{meta.num_stages} | {meta.shared} | {kernel.n_regs} | {kernel.n_spills} |"
+                    )
+                except Exception as error:  # noqa: BLE001  (a diagnostic: report and go on)
+                    rows.append(f"| {name} | unavailable: {type(error).__name__}: {error} | | | | | |")
+    header = "| kernel | constants | warps | stages | shared B | registers | spills |\n|---|---|---|---|---|---|---|"
+    return [header, *rows]
+
+
 def smoke(out: Path) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     out.mkdir(parents=True, exist_ok=True)
@@ -108,6 +141,8 @@ def smoke(out: Path) -> int:
                 file.write(json.dumps(row) + "\n")
             worst = max(row.get("relative_errors", {"crash": float("inf")}).values())
             print(f"{'ok  ' if row['ok'] else 'FAIL'} {backend:6s} {row['dtype']:8s} worst rel. error {worst:.2e}")
+    if "triton" in backends:
+        (out / "triton_kernels.md").write_text("\n".join(triton_kernel_resources()) + "\n")
     return 1 if failures else 0
 
 
@@ -119,6 +154,8 @@ def profile(backend: str) -> int:
         scores = mscmat_scores(*inputs, backend=backend)
         torch.autograd.grad(scores, inputs, torch.ones_like(scores))
     torch.cuda.synchronize()
+    if backend == "triton":
+        print("\n".join(triton_kernel_resources()))
     return 0
 
 

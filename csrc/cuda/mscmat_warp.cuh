@@ -334,11 +334,11 @@ __device__ void warp_grads(WarpTile<T, DP>& w, const float* keep, const PairStat
   mask_and_scale<T, DP>(w, keep, p.scale * 1.4426950408889634f);
   if (one_chunk) {
     warp_softmax_chunk<T, DP, TILES_PER_TEXT>(w, st, true, qs);
+    finalize_quad_stats<kTexts>(qs);
   } else {
     load_final_stats<kTexts>(qs, st);
     exps_from_final<T, DP, TILES_PER_TEXT>(w, qs);
   }
-  if (one_chunk) finalize_quad_stats<kTexts>(qs);
   pair_grads<T, DP, TILES_PER_TEXT>(w, keep, qs, g, p.scale);
 }
 
