@@ -3,7 +3,10 @@ sys.path)."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +100,14 @@ def poison_masked_words(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
 
 
 # --- Synthetic datasets (see tests/synthetic_data.py) ---------------------------------------------------------------
+
+
+def import_benchmark(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package; its scripts import each other)."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="session")

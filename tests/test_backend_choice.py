@@ -4,17 +4,15 @@ use), and benchmarks/bench_backends.py builds and merges that table. No GPU need
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_benchmark
 
 import msa.ops.mscmat as mscmat_module
 from msa.ops import backend_choice, resolve_backend
 from msa.ops.backend_choice import load_choices, measured_choice, nearest_choice
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 CARD = "Test GPU 80GB"
 SMALL, LARGE = 128 * 128 * 32 * 12 * 64, 4096 * 4096 * 32 * 12 * 64
 TABLE = {
@@ -91,13 +89,7 @@ def test_bad_tables_are_refused(tmp_path, entry):
 
 @pytest.fixture(scope="module")
 def bench_backends():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_backends
-
-        yield bench_backends
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("bench_backends")
 
 
 def rows_for(faster_small: str, faster_large: str) -> list[dict]:

@@ -4,23 +4,14 @@ the training step from its own medians (the GPU target: < 5% at the published si
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench_train_step():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_train_step
-
-        yield bench_train_step
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("bench_train_step")
 
 
 def test_share_of_step_from_the_rows(bench_train_step, tmp_path):

@@ -214,6 +214,25 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
+// float32 backward step after the products (S, R in shared memory): the statistics (a long text's chunks one
+// per statistics step, finalized after the last; the whole step when one chunk holds the texts), then, unless
+// this is a statistics step, dS and dR into the shared gradient tiles. Returns whether it formed them.
+template <int DP, typename L>
+__device__ bool float_grads(const Smem<float, L>& sm, const float* keep, const PairStats& st, const Shape& p,
+                            int chunk, int chunks, bool stats_step) {
+  using C = Tiles<float, DP>;
+  __syncthreads();
+  if (stats_step || chunks == 1) {
+    update_stats<C>(sm.s(), sm.r(), keep, st, p, chunk == 0);
+    if (chunk == chunks - 1) finalize_stats<C>(st, p);
+    if (chunks == 1) __syncthreads();
+  }
+  if (stats_step) return false;
+  chunk_grads<float, DP>(sm.s(), sm.r(), keep, st, sm.ds(), sm.dr(), p);
+  __syncthreads();
+  return true;
+}
+
 // dq, du of one image tile (blockIdx.x) and one head (blockIdx.y).
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads)
@@ -276,15 +295,7 @@ __global__ void __launch_bounds__(kThreads)
       } else {
         if (in_tile == 0) load_grad<C>(st.acc, p, grad, first_image, first_text);
         float_products<DP>(sm.q(0), sm.u(0), k_tile, v_tile, sm.s(), sm.r());
-        __syncthreads();
-        if (in_tile < chunks) {  // statistics (the whole step when one chunk holds the texts)
-          update_stats<C>(sm.s(), sm.r(), keep, st, p, c == 0);
-          if (c == chunks - 1) finalize_stats<C>(st, p);
-          if (one_chunk) __syncthreads();
-        }
-        if (!stats_step) {
-          chunk_grads<T, DP>(sm.s(), sm.r(), keep, st, sm.ds(), sm.dr(), p);
-          __syncthreads();
+        if (float_grads<DP>(sm, keep, st, p, c, chunks, stats_step)) {
           for (int e = threadIdx.x; e < C::BI * DP; e += kThreads) {
             const int i = e / DP, d = e % DP;
             float gq = 0.f, gu = 0.f;
@@ -383,15 +394,7 @@ __global__ void __launch_bounds__(kThreads)
       } else {
         if (in_tile == 0) load_grad<C>(st.acc, p, grad, first_image, first_text);
         float_products<DP>(q_tile, u_tile, sm.k(stager.word_stage), sm.v(stager.word_stage), sm.s(), sm.r());
-        __syncthreads();
-        if (in_tile < chunks) {  // statistics (the whole step when one chunk holds the texts)
-          update_stats<C>(sm.s(), sm.r(), keep, st, p, in_tile == 0);
-          if (in_tile == chunks - 1) finalize_stats<C>(st, p);
-          if (one_chunk) __syncthreads();
-        }
-        if (!stats_step) {
-          chunk_grads<T, DP>(sm.s(), sm.r(), keep, st, sm.ds(), sm.dr(), p);
-          __syncthreads();
+        if (float_grads<DP>(sm, keep, st, p, in_tile, chunks, stats_step)) {
           for (int e = threadIdx.x; e < C::BN * DP; e += kThreads) {
             const int n = e / DP, d = e % DP;
             float gk = 0.f, gv = 0.f;

@@ -168,35 +168,41 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   return out;
 }
 
-namespace msa {
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) cuda_emulation::fail("ldmatrix with a row not 16-byte aligned");
+namespace cuda_emulation {
+// ldmatrix's first half: every lane publishes its (16-byte aligned) row address.
+inline void publish_row_address(const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix with a row not 16-byte aligned");
   const auto address = reinterpret_cast<uintptr_t>(row);
   const uint32_t halves[2] = {static_cast<uint32_t>(address), static_cast<uint32_t>(address >> 32)};
-  cuda_emulation::publish(halves, 2);
+  publish(halves, 2);
+}
+
+// The row address lane `from` published.
+inline const unsigned char* published_row(unsigned from) {
+  return reinterpret_cast<const unsigned char*>(static_cast<uintptr_t>(published(from, 0)) |
+                                                static_cast<uintptr_t>(published(from, 1)) << 32);
+}
+}  // namespace cuda_emulation
+
+namespace msa {
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  cuda_emulation::publish_row_address(row);
   const unsigned l = cuda_emulation::lane();
   for (unsigned j = 0; j < 4; ++j) {
-    const unsigned from = 8 * j + l / 4;  // the lane that gave row l / 4 of matrix j
-    const uintptr_t base = static_cast<uintptr_t>(cuda_emulation::published(from, 0)) |
-                           static_cast<uintptr_t>(cuda_emulation::published(from, 1)) << 32;
-    std::memcpy(&r[j], reinterpret_cast<const unsigned char*>(base) + 4 * (l % 4), sizeof(uint32_t));
+    // Row l / 4 of matrix j, given by lane 8 j + l / 4; its elements 2 (l % 4) and 2 (l % 4) + 1.
+    std::memcpy(&r[j], cuda_emulation::published_row(8 * j + l / 4) + 4 * (l % 4), sizeof(uint32_t));
   }
   cuda_emulation::finish_collective();
 }
 
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) cuda_emulation::fail("ldmatrix with a row not 16-byte aligned");
-  const auto address = reinterpret_cast<uintptr_t>(row);
-  const uint32_t halves[2] = {static_cast<uint32_t>(address), static_cast<uint32_t>(address >> 32)};
-  cuda_emulation::publish(halves, 2);
+  cuda_emulation::publish_row_address(row);
   const unsigned l = cuda_emulation::lane();
   for (unsigned j = 0; j < 4; ++j) {
+    // Element l / 4 of rows 2 (l % 4) and 2 (l % 4) + 1 of matrix j.
     uint16_t pair[2];
     for (unsigned e = 0; e < 2; ++e) {
-      const unsigned from = 8 * j + 2 * (l % 4) + e;  // the lane that gave row 2 (l % 4) + e of matrix j
-      const uintptr_t base = static_cast<uintptr_t>(cuda_emulation::published(from, 0)) |
-                             static_cast<uintptr_t>(cuda_emulation::published(from, 1)) << 32;
-      std::memcpy(&pair[e], reinterpret_cast<const unsigned char*>(base) + 2 * (l / 4), sizeof(uint16_t));
+      std::memcpy(&pair[e], cuda_emulation::published_row(8 * j + 2 * (l % 4) + e) + 2 * (l / 4), sizeof(uint16_t));
     }
     r[j] = static_cast<uint32_t>(pair[0]) | static_cast<uint32_t>(pair[1]) << 16;
   }
