@@ -4,6 +4,8 @@ use), and benchmarks/bench_backends.py builds and merges that table. No GPU need
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,13 +142,27 @@ def test_measuring_needs_a_gpu(bench_backends, tmp_path, capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-def test_choice_traces_under_torch_compile(fake_card):
-    """torch.compile(fullgraph=True) of a model calling mscmat_scores on a GPU traces through the choice."""
+TRACE_CHECK = f"""
+import torch
+from msa.ops import backend_choice
 
-    def shifted(x, work):
-        choice = measured_choice(CUDA0, torch.bfloat16, work, False, BOTH)
-        return x + (1.0 if choice == "cuda" else 2.0)
+backend_choice._device_name = lambda index: {CARD!r}
+backend_choice._CHOICES = {TABLE!r}
 
-    compiled = torch.compile(shifted, fullgraph=True, backend="eager")
-    assert compiled(torch.zeros(2), SMALL).tolist() == [1.0, 1.0]
-    assert compiled(torch.zeros(2), LARGE).tolist() == [2.0, 2.0]
+
+def shifted(x, work):
+    choice = backend_choice.measured_choice(torch.device("cuda", 0), torch.bfloat16, work, False, {BOTH!r})
+    return x + (1.0 if choice == "cuda" else 2.0)
+
+
+compiled = torch.compile(shifted, fullgraph=True, backend="eager")
+assert compiled(torch.zeros(2), {SMALL}).tolist() == [1.0, 1.0]
+assert compiled(torch.zeros(2), {LARGE}).tolist() == [2.0, 2.0]
+"""
+
+
+def test_choice_traces_under_torch_compile():
+    """torch.compile(fullgraph=True) of a model calling mscmat_scores on a GPU traces through the choice. In a child
+    process: torch.compile here would break the fork-started workers of tests/test_ddp.py."""
+    run = subprocess.run([sys.executable, "-c", TRACE_CHECK], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
