@@ -13,9 +13,9 @@ profile: one autotune-free forward and backward at the benchmark's target shape 
 H = 12, Dh = 64), for running under ncu.
 
 Both modes end with the registers, spills and shared memory of every Triton kernel this process compiled, as the
-driver reports them when it loads the kernel (smoke: DIR/triton_kernels.md): the offline sm_90 report reads
-ptxas's output instead, and the two disagreed on the first H200 run (255 registers offline for the default
-forward tile, at most 85 on the card, where three blocks fitted per SM).
+driver reports them when it loads the kernel (smoke: DIR/triton_kernels.md), to check the offline sm_90 report
+(benchmarks/kernel_report.py) against: on the first H200 run they disagreed (255 registers offline for the default
+forward tile, at most 85 on the card) until the report compiled with the launcher's specialisation.
 """
 
 from __future__ import annotations

@@ -26,29 +26,31 @@ MIN_PRODUCT_WORDS = 16
 # Dynamic shared memory of one sm_90 block is 227 KB; Triton adds scratch for layout conversions and reductions.
 SHARED_MEMORY_BUDGET = 200 * 1024
 # float32 tile values per thread that stay in registers (255 per thread at most; addresses, masks and the
-# softmax statistics need the rest). Calibrated on the sm_90 compile report (benchmarks/kernel_report.py).
+# softmax statistics need the rest). From the sm_90 compile report (benchmarks/kernel_report.py): the dq kernel
+# with 128 images on four warps holds 192 such values and spills, the default tiles hold 32-96 and do not.
 REGISTER_TILE_BUDGET = 160
 WARP_SIZE = 32
 
 Tile = tuple[int, int, int, int]
 
 # 128 images per program: each k, v byte read from L2 then feeds 128 FLOPs (bf16), half the L2 traffic of 64.
-# Eight warps: two warpgroups of 64 image rows; with four, q, u, logits and readouts of 128 rows overflow the
-# registers (sm_90 compile report). Few texts per program keep the grid full at training sizes (Ni = Nt = 128);
-# more amortise the q, u loads.
+# Eight warps: two warpgroups of 64 image rows, 75-77 registers, three blocks per SM (as ncu counted on an H200);
+# on four warps the same tile takes 172-180 registers and two blocks (sm_90 compile report). Few texts per program
+# keep the grid full at training sizes (Ni = Nt = 128); more amortise the q, u loads.
 FWD_TILES: dict[str, list[Tile]] = {
     "low": [(128, 8, 8, 3), (64, 4, 4, 3), (128, 4, 8, 3), (64, 2, 4, 3), (128, 16, 8, 3), (64, 8, 4, 3)],
     "fp32": [(32, 4, 4, 2), (64, 4, 4, 2), (32, 8, 4, 2)],
 }
 # Backward tiles are (BLOCK_I, 1, num_warps, num_stages): each product is one text's word chunk. The words kernel
-# holds dk, dv and its own k, v besides the image tile: 64 images on four warps spill, and 128 on eight spill under
-# Triton 3.6; 64 on eight spill under neither (sm_90 compile report).
+# holds dk, dv and its own k, v besides the image tile; at Dh = 64 none of its tiles spills: 64 images on eight
+# warps take 104 registers (two blocks per SM), on four 125 (three blocks), 128 on eight 102-118 (sm_90 compile
+# report, Triton 3.6 and 3.8); which is fastest is the autotuner's to measure.
 BWD_IMAGES_TILES: dict[str, list[Tile]] = {
     "low": [(64, 1, 4, 3), (128, 1, 8, 3), (64, 1, 4, 2), (32, 1, 4, 3)],
     "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
 }
 BWD_WORDS_TILES: dict[str, list[Tile]] = {
-    "low": [(64, 1, 8, 3), (128, 1, 8, 3), (128, 1, 8, 2), (32, 1, 4, 3)],
+    "low": [(64, 1, 8, 3), (128, 1, 8, 3), (128, 1, 8, 2), (64, 1, 4, 3), (32, 1, 4, 3)],
     "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
 }
 # Sizes are in the key: the best tile differs between a 128-text batch and a 5465-caption test split.
