@@ -52,7 +52,7 @@ class Spec:
     head_dim: int
     has_mask: bool
     one_chunk: bool
-    tile: tuple[int, int, int, int]  # BLOCK_I, BLOCK_N, num_warps, num_stages
+    tile: tuple[int, ...]  # BLOCK_I, BLOCK_N, num_warps, num_stages (forward: and A_IN_REGISTERS)
 
     @property
     def block_d(self) -> int:
@@ -219,11 +219,12 @@ def compile_spec(spec: Spec) -> dict:
     from triton.compiler import ASTSource
 
     fn = _kernel_fn(spec.kernel)
-    block_i, block_n, warps, stages = spec.tile
+    block_i, block_n, warps, stages = spec.tile[:4]
     constexprs = {
         "HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "BLOCK_L": spec.block_l, "HAS_MASK": spec.has_mask,
         "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
         "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n, "BLOCK_T": block_n,
+        "A_IN_REGISTERS": bool(spec.tile[4:] and spec.tile[4]),
     }  # fmt: skip
     if "GROUP_I" in fn.arg_names:
         from msa.kernels.mscmat_kernels import FWD_IMAGE_GROUP
@@ -257,6 +258,8 @@ def compile_spec(spec: Spec) -> dict:
     row["shared_bytes"] = shared
     row["ctas_per_sm"] = ctas_per_sm(usage["registers"], shared, warps)
     row["mma"] = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
+    if re.search(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*\{", ptx):
+        row["mma"] = "wgmma, A in registers"  # the register-A form: {d...}, {a...}, desc_b
     row["compile_s"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -273,15 +276,15 @@ def markdown(rows: list[dict], title: str) -> str:
         f"# {title}",
         "",
         "| kernel | dtype | L block | Dh | mask | one chunk | BLOCK_I | BLOCK_T (fwd) / BLOCK_N | warps | stages "
-        "| registers "
-        "| spill st/ld B | shared KB | CTAs/SM | mma |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| q, u (fwd) | registers | spill st/ld B | shared KB | CTAs/SM | mma |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         tile = row["tile"]
         head = (
             f"| {row['kernel']} | {row['dtype']} | {row['block_l']} | {row['head_dim']} | {row['has_mask']} "
             f"| {row['one_chunk']} | {tile[0]} | {tile[1]} | {tile[2]} | {tile[3]} "
+            f"| {('registers' if tile[4] else 'shared') if len(tile) > 4 else ''} "
         )
         if "error" in row:
             lines.append(head + f"| FAILED: {row['error']} | | | | |")

@@ -1,9 +1,10 @@
 """Autotune configurations of the Triton kernels, and the pruning that keeps only those that fit the card.
 
-Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_I images against BLOCK_T texts, one text (BLOCK_L
-words) per product. Backward tile: (BLOCK_I, 1, num_warps, num_stages). The lists are in order of preference;
-with autotuning off (MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config is dropped
-before any compile when
+Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages, A_IN_REGISTERS), BLOCK_I images against BLOCK_T texts,
+one text (BLOCK_L words) per product; A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products'
+A operand, 0 in shared memory. Backward tile: (BLOCK_I, 1, num_warps, num_stages). The lists are in order of
+preference; with autotuning off (MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config is
+dropped before any compile when
 - its pipelined stages exceed the shared memory of an sm_90 block (SHARED_MEMORY_BUDGET), or
 - its float32 register tiles exceed REGISTER_TILE_BUDGET values per thread (beyond that ptxas spills).
 float32 runs its products on FMA units (no TF32 unless torch allows it) and gets small tiles.
@@ -31,15 +32,27 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 REGISTER_TILE_BUDGET = 160
 WARP_SIZE = 32
 
-Tile = tuple[int, int, int, int]
+Tile = tuple[int, ...]
 
 # 128 images per program: each k, v byte read from L2 then feeds 128 FLOPs (bf16), half the L2 traffic of 64.
 # Eight warps: two warpgroups of 64 image rows, 75-77 registers, three blocks per SM (as ncu counted on an H200);
 # on four warps the same tile takes 172-180 registers and two blocks (sm_90 compile report). Few texts per program
 # keep the grid full at training sizes (Ni = Nt = 128); more amortise the q, u loads.
+# With q, u in shared memory each text and head reads 40 KB of operands there per MFLOP (bf16, Dh 64, L 32), which
+# an H200 found 72% busy at 34% of the tensor rate; in registers (A_IN_REGISTERS) only k, v are read there (8 KB)
+# but the tile takes 111 registers and two blocks per SM instead of 77 and three: the autotuner measures which wins.
 FWD_TILES: dict[str, list[Tile]] = {
-    "low": [(128, 8, 8, 3), (64, 4, 4, 3), (128, 4, 8, 3), (64, 2, 4, 3), (128, 16, 8, 3), (64, 8, 4, 3)],
-    "fp32": [(32, 4, 4, 2), (64, 4, 4, 2), (32, 8, 4, 2)],
+    "low": [
+        (128, 8, 8, 3, 0),
+        (64, 4, 4, 3, 0),
+        (128, 4, 8, 3, 0),
+        (64, 2, 4, 3, 0),
+        (128, 16, 8, 3, 0),
+        (64, 8, 4, 3, 0),
+        (128, 8, 8, 3, 1),
+        (64, 4, 4, 3, 1),
+    ],  # fmt: skip
+    "fp32": [(32, 4, 4, 2, 0), (64, 4, 4, 2, 0), (32, 8, 4, 2, 0)],
 }
 # Backward tiles are (BLOCK_I, 1, num_warps, num_stages): each product is one text's word chunk. The words kernel
 # holds dk, dv and its own k, v besides the image tile; at Dh = 64 none of its tiles spills: 64 images on eight
@@ -57,39 +70,46 @@ BWD_WORDS_TILES: dict[str, list[Tile]] = {
 AUTOTUNE_KEY = ["Ni", "Nt", "L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION", "UPCAST"]
 
 
-def _kwargs(tiles: dict[str, list[Tile]], block_i: int, second: int) -> dict[str, int]:
-    return {"BLOCK_I": block_i, "BLOCK_T": second} if tiles is FWD_TILES else {"BLOCK_I": block_i}
+def _kwargs(tiles: dict[str, list[Tile]], tile: Tile) -> dict[str, int]:
+    if tiles is FWD_TILES:
+        return {"BLOCK_I": tile[0], "BLOCK_T": tile[1], "A_IN_REGISTERS": bool(tile[4])}
+    return {"BLOCK_I": tile[0]}
 
 
 def tile_of(config: triton.Config) -> Tile:
-    return config.kwargs["BLOCK_I"], config.kwargs.get("BLOCK_T", 1), config.num_warps, config.num_stages
+    tile = config.kwargs["BLOCK_I"], config.kwargs.get("BLOCK_T", 1), config.num_warps, config.num_stages
+    return (*tile, int(config.kwargs["A_IN_REGISTERS"])) if "A_IN_REGISTERS" in config.kwargs else tile
 
 
 def all_configs(tiles: dict[str, list[Tile]]) -> list[triton.Config]:
     if INTERPRET:
         # The interpreter runs every config it is given: one keeps CPU tests fast (a single one is never pruned).
-        return [triton.Config(_kwargs(tiles, 16, 2), num_warps=4, num_stages=1)]
+        # The forward's runs with q, u as computed values, the path that differs from a plain load.
+        return [triton.Config(_kwargs(tiles, (16, 2, 4, 1, 1)), num_warps=4, num_stages=1)]
     unique = dict.fromkeys(tile for kind in tiles.values() for tile in kind)
-    return [
-        triton.Config(_kwargs(tiles, bi, second), num_warps=warps, num_stages=stages)
-        for bi, second, warps, stages in unique
-    ]
+    return [triton.Config(_kwargs(tiles, tile), num_warps=tile[2], num_stages=tile[3]) for tile in unique]
 
 
 def shared_memory_bytes(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> int:
     """Shared memory the software pipeline stages (the products read their operands there): the streamed
-    operand pair per stage (k, v of a text; q, u of an image tile in the words kernel) next to the stationary one."""
-    block_i, _, _, stages = tile
+    operand pair per stage (k, v of a text; q, u of an image tile in the words kernel) next to the stationary one
+    (unless the forward holds it in registers)."""
+    block_i, stages = tile[0], tile[3]
     streamed, stationary = (block_i, block_l) if role == "bwd_words" else (block_l, block_i)
+    if role == "fwd" and tile[4]:
+        stationary = 0
     return (2 * max(stages, 1) * streamed + 2 * stationary) * block_d * element_bytes
 
 
 def register_tile_values(tile: Tile, block_l: int, block_d: int, role: str) -> int:
     """float32 values per thread in the kernel's live register tiles: logits and readouts [BLOCK_I, BLOCK_L],
-    plus the gradient accumulators of the backward kernels (dq, du [BLOCK_I, Dh]; dk, dv [BLOCK_L, Dh])."""
-    block_i, _, warps, _ = tile
+    plus the gradient accumulators of the backward kernels (dq, du [BLOCK_I, Dh]; dk, dv [BLOCK_L, Dh]) or the
+    forward's q, u held in registers (two 16-bit values per register)."""
+    block_i, warps = tile[0], tile[2]
     values = 2 * block_i * block_l
-    if role == "bwd_images":
+    if role == "fwd" and tile[4]:
+        values += block_i * block_d
+    elif role == "bwd_images":
         values += 2 * block_i * block_d
     elif role == "bwd_words":
         values += 2 * block_l * block_d

@@ -71,12 +71,13 @@ def mscmat_scores_fwd_kernel(
     Ni, Nt, L, H, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_I: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, A_IN_REGISTERS: tl.constexpr, GROUP_I: tl.constexpr,
 ):  # fmt: skip
     """Scores of BLOCK_I images x BLOCK_T texts. The image tile is stationary: per head, q_h and u_h are loaded
     once and the program's texts stream past them in the inner loop, the loop Triton software-pipelines (the k
     and v of the next text are copied while this one computes). Each product is [BLOCK_I, Dh] x [Dh, BLOCK_L]:
-    one text's words, so the softmax is a row reduction of the product's own layout."""
+    one text's words, so the softmax is a row reduction of the product's own layout. A_IN_REGISTERS keeps q_h,
+    u_h in registers as the products' A operand instead of shared memory (see configs.FWD_TILES)."""
     # Grouped launch order: GROUP_I image tiles sweep the same text tiles together, so k and v stay in L2.
     pid = tl.program_id(0).to(tl.int64)
     tiles_i = tl.cdiv(Ni, BLOCK_I)
@@ -106,6 +107,11 @@ def mscmat_scores_fwd_kernel(
     for _ in range(H):
         q = tl.load(Q_head + image_tile, mask=image_ok, other=0.0)
         u = tl.load(U_head + image_tile, mask=image_ok, other=0.0)
+        if A_IN_REGISTERS:
+            # A computed operand stays in registers (wgmma's register-A form); a loaded one is staged in shared
+            # memory. Adding +0.0 is exact (a -0.0 becomes +0.0, the same in a product).
+            q += 0.0
+            u += 0.0
         for t in range(BLOCK_T):
             text = first_text + t
             head_out = _text_head_out(

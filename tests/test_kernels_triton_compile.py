@@ -53,7 +53,7 @@ def test_default_tiles_compile_for_sm90_with_wgmma(default_rows):
     assert len(default_rows) == 3 * len(CASES)
     for row in default_rows:
         assert "error" not in row, row
-        assert row["mma"] == "wgmma", row  # Hopper tensor cores, not mma.sync or FMAs
+        assert row["mma"].startswith("wgmma"), row  # Hopper tensor cores, not mma.sync or FMAs
 
 
 def test_default_bf16_tiles_do_not_spill_at_head_dim_64(default_rows):
@@ -82,3 +82,23 @@ def test_default_forward_tile_fits_three_blocks_per_sm(default_rows):
     divisible by 16); without it the same kernel compiled to 255 registers and one block."""
     row = next(r for r in default_rows if r["kernel"] == "fwd" and r["head_dim"] == 64)
     assert row["registers"] <= 85 and row["ctas_per_sm"] == 3, row
+
+
+def test_forward_register_operand_tile_uses_the_register_a_form():
+    """A_IN_REGISTERS (an autotune candidate) must reach wgmma's register-A form, or it is the shared-memory tile
+    with more registers."""
+    pytest.importorskip("triton")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
+        "print(json.dumps(kr.compile_spec(kr.Spec('fwd', 'bf16', 32, 64, False, True, (128, 8, 8, 3, 1)))))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "benchmarks")], env=env, cwd=REPO / "tests", capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    if "error" in row and "ASTSource" in row["error"]:
+        pytest.skip(f"no offline compiler API: {row['error']}")
+    assert row["mma"] == "wgmma, A in registers" and row["spill_stores"] == 0, row
