@@ -39,13 +39,13 @@ out=${1:?usage: benchmarks/device_check.sh [--quick | --dry-run] OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 case $mode in
-  quick) : "${BUILD_SECONDS:=110}" "${SMOKE_SECONDS:=35}" "${TARGETS_SECONDS:=45}" ;;
+  quick) : "${BUILD_SECONDS:=100}" "${SMOKE_SECONDS:=35}" "${TARGETS_SECONDS:=45}" ;;
   dry-run) : "${BUILD_SECONDS:=900}" ;;  # two CPU cores of a CI machine, no GPU: no hurry
-  *) : "${BUILD_SECONDS:=110}" "${SMOKE_SECONDS:=60}" "${TARGETS_SECONDS:=60}" ;;
+  *) : "${BUILD_SECONDS:=110}" "${SMOKE_SECONDS:=60}" "${TARGETS_SECONDS:=70}" ;;
 esac
-# Full run: 110 + 60 + 60 + 50 + 50 + 2 x 45 + 2 x 30 = 480 s at most (H200 runs: build 64-89 s, smoke 32 s,
-# targets 36-42 s, tests 37 + 38 s, ncu 23 + 17 s for three launches).
-: "${TRAIN_SECONDS:=50}" "${BACKENDS_SECONDS:=50}" "${TEST_SECONDS:=45}" "${PROFILE_SECONDS:=30}" "${COMPILE_SECONDS:=1500}"
+# Full run: 110 + 60 + 70 + 50 + 50 + 2 x 45 + 2 x 25 = 480 s at most; --quick 100 + 35 + 45 = 180 s (H200 runs:
+# build 64-89 s, smoke 32 s, targets 36-42 s before three more autotune candidates, tests 37 + 38 s, ncu 23 + 17 s).
+: "${TRAIN_SECONDS:=50}" "${BACKENDS_SECONDS:=50}" "${TEST_SECONDS:=45}" "${PROFILE_SECONDS:=25}" "${COMPILE_SECONDS:=1500}"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 started=$SECONDS
@@ -159,7 +159,8 @@ else
       "$py" -m pytest -v -rfEs "${per_test[@]}" "${parallel[@]}" -k "not ($risky)" tests/test_ops_gpu.py
     # --- (g) ncu profile of the kernels at the target shape, when ncu can read the counters ------------------
     # Six launches after the first three: the first H200 run's three were all forward kernels, so the backward
-    # ones come later than one forward + backward per call would place them.
+    # ones come later than one forward + backward per call would place them (the profile is ~1 s of the phase;
+    # starting Python and the kernels is the rest).
     if command -v ncu >/dev/null 2>&1; then
       for backend in triton cuda; do
         run_phase "ncu $backend" "$PROFILE_SECONDS" "$out/ncu_$backend.txt" \
