@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mscmat import environment, make_inputs, spread  # noqa: E402
+from bench_mscmat import environment, make_inputs, spread, synchronize  # noqa: E402
 
 from msa.ops import backend_available, mscmat_scores  # noqa: E402
-from msa.ops.backend_choice import CHOICES_FILE, GPU_BACKENDS, load_choices  # noqa: E402
+from msa.ops.backend_choice import CHOICES_FILE, GPU_BACKENDS, USES, load_choices  # noqa: E402
 
 SIZES = {"bfloat16": (128, 512, 2048, 4096), "float32": (128, 512, 2048)}
 SHAPE = {"length": 32, "heads": 12, "head_dim": 64}
@@ -53,17 +53,20 @@ def make_call(backend: str, use: str, size: int, dtype: torch.dtype, device: tor
 
 
 def seconds_per_call(call, calls: int, device: torch.device) -> float:
-    torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         call()
-    torch.cuda.synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) / calls
 
 
-def measure(dtype_name: str, use: str, size: int, repeats: int, device: torch.device) -> dict:
+def measure(
+    dtype_name: str, use: str, size: int, repeats: int, device: torch.device, backends: tuple = GPU_BACKENDS
+) -> dict:
+    """One row: ``backends`` (two of them) timed side by side; ratio = the second's time / the first's, per round."""
     dtype = getattr(torch, dtype_name)
-    calls = {backend: make_call(backend, use, size, dtype, device) for backend in GPU_BACKENDS}
+    calls = {backend: make_call(backend, use, size, dtype, device) for backend in backends}
     per_sample = {}
     for backend, call in calls.items():
         call(), call()  # compile, autotune, warm up
@@ -75,15 +78,14 @@ def measure(dtype_name: str, use: str, size: int, repeats: int, device: torch.de
         for backend in order[shift:] + order[:shift]:
             times[backend].append(seconds_per_call(calls[backend], per_sample[backend], device))
     medians = {backend: statistics.median(t) * 1e3 for backend, t in times.items()}
-    ratios = [c / t for c, t in zip(times["cuda"], times["triton"])]
+    first, second = backends
     return {
         "dtype": dtype_name,
         "use": use,
         "size": size,
         "work": work_of(size),
-        "triton_ms": medians["triton"],
-        "cuda_ms": medians["cuda"],
-        "cuda_over_triton": spread(ratios),
+        "median_ms": medians,
+        "ratio": spread([b / a for a, b in zip(times[first], times[second])]),
         "faster": min(medians, key=medians.get),
     }
 
@@ -112,18 +114,19 @@ def merge_into(choices_file: Path, table: dict) -> dict:
 
 
 def markdown(rows: list[dict], env: dict) -> str:
+    first, second = list(rows[0]["median_ms"]) if rows else GPU_BACKENDS
     lines = [
-        f"Triton vs CUDA kernels on {env['device']}, torch {env['torch']}, triton {env['triton']}, git "
+        f"{first} vs {second} on {env['device']}, torch {env['torch']}, triton {env['triton']}, git "
         f"{env['git_sha']}; L {SHAPE['length']}, H {SHAPE['heads']}, Dh {SHAPE['head_dim']}, no mask.",
         "",
-        "| dtype | use | Ni = Nt | triton ms | cuda ms | cuda / triton, per round | faster |",
+        f"| dtype | use | Ni = Nt | {first} ms | {second} ms | {second} / {first}, per round | faster |",
         "|---|---|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        low, median, high = r["cuda_over_triton"]
+        low, median, high = r["ratio"]
         lines.append(
-            f"| {r['dtype']} | {r['use']} | {r['size']} | {r['triton_ms']:.3f} | {r['cuda_ms']:.3f} | "
-            f"{median:.2f}x [{low:.2f}x-{high:.2f}x] | {r['faster']} |"
+            f"| {r['dtype']} | {r['use']} | {r['size']} | {r['median_ms'][first]:.3f} | {r['median_ms'][second]:.3f} "
+            f"| {median:.2f}x [{low:.2f}x-{high:.2f}x] | {r['faster']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for dtype in dtypes:
-        for use in ("inference", "training"):
+        for use in USES:
             for size in SIZES[dtype]:
                 rows.append(measure(dtype, use, size, args.repeats, device))
                 print(markdown(rows[-1:], env).splitlines()[-1], flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,37 @@ def test_choice_traces_under_torch_compile():
     process: torch.compile here would break the fork-started workers of tests/test_ddp.py."""
     run = subprocess.run([sys.executable, "-c", TRACE_CHECK], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+MEASURE_CHECK = """
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import bench_backends as bench
+
+rows = [bench.measure("float32", use, 16, 3, torch.device("cpu"), ("cpu", "reference")) for use in bench.USES]
+env = {"device": "CPU", "git_sha": "x", "torch": torch.__version__, "triton": None, "date": "today"}
+print(json.dumps({"rows": rows, "table": bench.choice_table(rows, env), "markdown": bench.markdown(rows, env)}))
+"""
+
+
+def test_measure_times_two_backends_side_by_side():
+    """The measuring code itself, with the CPU kernel and the reference standing in for the two GPU backends (in a
+    child process: the training rows run backward)."""
+    from msa.ops import backend_available
+
+    if not backend_available("cpu", "cpu"):
+        pytest.skip("msa._C is not built: no CPU kernel to time")
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    run = subprocess.run([sys.executable, "-c", MEASURE_CHECK, str(benchmarks)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for row, use in zip(result["rows"], ("inference", "training")):
+        assert row["use"] == use and row["work"] == 16 * 16 * 32 * 12 * 64
+        medians = row["median_ms"]
+        assert set(medians) == {"cpu", "reference"} and all(ms > 0 for ms in medians.values())
+        assert row["faster"] == min(medians, key=medians.get)
+        low, median, high = row["ratio"]
+        assert 0 < low <= median <= high
+    assert set(result["table"]["CPU"]["float32"]) == {"inference", "training"}
+    assert "| float32 | training | 16 |" in result["markdown"]
