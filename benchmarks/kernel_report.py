@@ -224,7 +224,7 @@ def compile_spec(spec: Spec) -> dict:
         "HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "BLOCK_L": spec.block_l, "HAS_MASK": spec.has_mask,
         "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
         "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n, "BLOCK_T": block_n,
-        "A_IN_REGISTERS": bool(spec.tile[4:] and spec.tile[4]),
+        "A_IN_REGISTERS": spec.kernel == "fwd" and bool(spec.tile[4]),
     }  # fmt: skip
     if "GROUP_I" in fn.arg_names:
         from msa.kernels.mscmat_kernels import FWD_IMAGE_GROUP
@@ -233,7 +233,6 @@ def compile_spec(spec: Spec) -> dict:
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     launch_constants, attrs = _launch_specialisation(fn, spec)
     constexprs |= launch_constants
-    attrs = {key: value for key, value in attrs.items() if fn.arg_names[key[0]] not in constexprs}
     row = {**dataclasses.asdict(spec), "block_d": spec.block_d, "triton": triton.__version__}
     started = time.perf_counter()
     try:

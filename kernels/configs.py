@@ -51,7 +51,7 @@ FWD_TILES: dict[str, list[Tile]] = {
         (64, 8, 4, 3, 0),
         (128, 8, 8, 3, 1),
         (64, 4, 4, 3, 1),
-    ],  # fmt: skip
+    ],
     "fp32": [(32, 4, 4, 2, 0), (64, 4, 4, 2, 0), (32, 8, 4, 2, 0)],
 }
 # Backward tiles are (BLOCK_I, 1, num_warps, num_stages): each product is one text's word chunk. The words kernel

@@ -280,15 +280,8 @@ __global__ void __launch_bounds__(kThreads)
       const float* keep = sm.keep(stager.word_stage);
       if constexpr (C::kTensorCores) {
         WarpTile<T, DP> w;
-        warp_products<T, DP>(sm.q(0), sm.u(0), k_tile, v_tile, w);
-        dispatch_text_tiles(p, [&]<int kTilesPerText>() {
-          if (stats_step) {
-            warp_stats_step<T, DP, kTilesPerText>(w, keep, st, p, c == 0, c == chunks - 1);
-          } else {
-            warp_grads<T, DP, kTilesPerText>(w, keep, st, grad, p, first_image, first_text, one_chunk);
-          }
-        });
-        if (!stats_step) {  // dq += dS K, du += dR V with dS, dR straight from the registers
+        if (warp_backward_step<T, DP>(sm.q(0), sm.u(0), k_tile, v_tile, keep, st, grad, p, first_image, first_text, c,
+                                      chunks, stats_step, w)) {  // dq += dS K, du += dR V straight from the registers
           accumulate_from_registers<T, DP>(dq_acc, w.s, k_tile);
           accumulate_from_registers<T, DP>(du_acc, w.r, v_tile);
         }
@@ -377,15 +370,9 @@ __global__ void __launch_bounds__(kThreads)
       const float* keep = sm.keep(stager.word_stage);
       if constexpr (C::kTensorCores) {
         WarpTile<T, DP> w;
-        warp_products<T, DP>(q_tile, u_tile, sm.k(stager.word_stage), sm.v(stager.word_stage), w);
-        dispatch_text_tiles(p, [&]<int kTilesPerText>() {
-          if (stats_step) {
-            warp_stats_step<T, DP, kTilesPerText>(w, keep, st, p, in_tile == 0, in_tile == chunks - 1);
-          } else {
-            warp_grads<T, DP, kTilesPerText>(w, keep, st, grad, p, first_image, first_text, one_chunk);
-          }
-        });
-        if (!stats_step) {  // dk += dS^T Q, dv += dR^T U: dS, dR change hands between warps through shared memory
+        if (warp_backward_step<T, DP>(q_tile, u_tile, sm.k(stager.word_stage), sm.v(stager.word_stage), keep, st,
+                                      grad, p, first_image, first_text, in_tile, chunks, stats_step, w)) {
+          // dk += dS^T Q, dv += dR^T U: dS, dR change hands between warps through shared memory
           store_grad_tiles<T, DP>(w, sm.ds(), sm.dr());
           __syncthreads();
           accumulate_transposed<T, DP, C::BI>(dk_acc, sm.ds(), q_tile);

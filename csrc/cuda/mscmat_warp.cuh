@@ -158,9 +158,11 @@ __device__ void store_grad_tiles(const WarpTile<T, DP>& w, T* ds, T* dr) {
   }
 }
 
-// Replaces the logits by log2-scaled ones, -inf at masked and padding slots (their k, v are zeros: r is 0 there).
+// Replaces the logits by log2-scaled ones (scale log2(e): exp(x) = exp2(x log2 e)), -inf at masked and padding
+// slots (their k, v are zeros: r is 0 there).
 template <typename T, int DP>
-__device__ void mask_and_scale(WarpTile<T, DP>& w, const float* keep, float scale_log2) {
+__device__ void mask_and_scale(WarpTile<T, DP>& w, const float* keep, float scale) {
+  const float scale_log2 = scale * 1.4426950408889634f;
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int n = 0; n < WarpTile<T, DP>::kColumnTiles; ++n) {
@@ -331,7 +333,7 @@ __device__ void warp_grads(WarpTile<T, DP>& w, const float* keep, const PairStat
   float g[kTexts][2];
   load_pair_grads<kTexts>(g, grad, p, first_image, first_text);  // global loads, in flight during the softmax
   QuadStats<kTexts> qs;
-  mask_and_scale<T, DP>(w, keep, p.scale * 1.4426950408889634f);
+  mask_and_scale<T, DP>(w, keep, p.scale);
   if (one_chunk) {
     warp_softmax_chunk<T, DP, TILES_PER_TEXT>(w, st, true, qs);
     finalize_quad_stats<kTexts>(qs);
@@ -348,7 +350,7 @@ __device__ void warp_stats_step(WarpTile<T, DP>& w, const float* keep, const Pai
                                 bool first, bool last) {
   constexpr int kTexts = WarpTile<T, DP>::kColumnTiles / TILES_PER_TEXT;
   QuadStats<kTexts> qs;
-  mask_and_scale<T, DP>(w, keep, p.scale * 1.4426950408889634f);
+  mask_and_scale<T, DP>(w, keep, p.scale);
   warp_softmax_chunk<T, DP, TILES_PER_TEXT>(w, st, first, qs);
   if (last) finalize_quad_stats<kTexts>(qs);
   store_running_stats<kTexts>(qs, st);
@@ -387,7 +389,7 @@ __device__ void warp_forward_step(const T* q, const T* u, const T* k, const T* v
                                   const PairStats& st, const Shape& p, bool first, bool last) {
   WarpTile<T, DP> w;
   warp_products<T, DP>(q, u, k, v, w);
-  mask_and_scale<T, DP>(w, keep, p.scale * 1.4426950408889634f);  // exp(x) = exp2(x log2 e)
+  mask_and_scale<T, DP>(w, keep, p.scale);
   dispatch_text_tiles(p, [&]<int TILES_PER_TEXT>() {
     constexpr int kTexts = WarpTile<T, DP>::kColumnTiles / TILES_PER_TEXT;
     QuadStats<kTexts> qs;
@@ -398,6 +400,24 @@ __device__ void warp_forward_step(const T* q, const T* u, const T* k, const T* v
       store_running_stats<kTexts>(qs, st);
     }
   });
+}
+
+// One backward step of the block: every warp its 16 image rows, S and R recomputed in registers. A statistics step
+// (a long text's chunk `chunk` of `chunks`, the statistics pass) updates the pairs' statistics; any other step
+// leaves dS, dR in w.s, w.r and returns true.
+template <typename T, int DP>
+__device__ bool warp_backward_step(const T* q, const T* u, const T* k, const T* v, const float* keep,
+                                   const PairStats& st, const float* grad, const Shape& p, int64_t first_image,
+                                   int64_t first_text, int chunk, int chunks, bool stats_step, WarpTile<T, DP>& w) {
+  warp_products<T, DP>(q, u, k, v, w);
+  dispatch_text_tiles(p, [&]<int TILES_PER_TEXT>() {
+    if (stats_step) {
+      warp_stats_step<T, DP, TILES_PER_TEXT>(w, keep, st, p, chunk == 0, chunk == chunks - 1);
+    } else {
+      warp_grads<T, DP, TILES_PER_TEXT>(w, keep, st, grad, p, first_image, first_text, chunks == 1);
+    }
+  });
+  return !stats_step;
 }
 
 }  // namespace
