@@ -70,6 +70,7 @@ def test_auto_resolves_to_the_measured_backend(fake_card, monkeypatch):
 
 
 def test_shipped_table_is_valid():
+    assert backend_choice.CHOICES_FILE.is_file()  # installed beside the module (package data), not only in git
     table = load_choices()
     for entry in table.values():
         assert "measured" in entry
