@@ -94,7 +94,7 @@ def smoke_one(backend: str, dtype: torch.dtype, seed: int) -> dict:
     }
 
 
-KERNEL_CONSTANTS = ("HEAD_DIM", "BLOCK_L", "HAS_MASK", "ONE_CHUNK", "BLOCK_I", "BLOCK_T")
+KERNEL_CONSTANTS = ("HEAD_DIM", "BLOCK_L", "HAS_MASK", "ONE_CHUNK", "IMAGE_GRADS", "STORE_STATS", "BLOCK_I", "BLOCK_T")
 
 
 def triton_kernel_resources() -> list[str]:

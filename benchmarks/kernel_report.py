@@ -53,6 +53,9 @@ class Spec:
     has_mask: bool
     one_chunk: bool
     tile: tuple[int, ...]  # BLOCK_I, BLOCK_N, num_warps, num_stages (forward: and A_IN_REGISTERS)
+    # The images kernel's work: dq and du (IMAGE_GRADS), the statistics for the words kernel (STORE_STATS).
+    image_grads: bool = True
+    store_stats: bool = True
 
     @property
     def block_d(self) -> int:
@@ -101,6 +104,9 @@ def launched_specs() -> list[Spec]:
         ("bf16", 12, 32, True), ("fp16", 16, 64, True),
     ):  # fmt: skip
         specs += _specs_for(dtype, length, head_dim, has_mask, every_tile=False)
+    # Only some gradients asked for (bf16, L 13, Dh 64, masked): the images kernel without dk, dv or without dq, du.
+    images = next(spec for spec in _specs_for("bf16", 13, 64, True, every_tile=False) if spec.kernel == "bwd_images")
+    specs += [dataclasses.replace(images, store_stats=False), dataclasses.replace(images, image_grads=False)]
     for dtype in ("bf16", "fp16", "fp32"):
         specs += _specs_for(dtype, 32, 64, False, every_tile=True)
     return list(dict.fromkeys(specs))
@@ -130,7 +136,7 @@ def _kernel_fn(kernel: str):
     }[kernel].fn
 
 
-POINTERS = {"Q", "U", "K", "V", "Mask", "Out", "GradT", "DQ", "DU", "DK", "DV"}
+POINTERS = {"Q", "U", "K", "V", "Mask", "Out", "GradT", "Stats", "DQ", "DU", "DK", "DV"}
 # The sizes the benchmark launches with (bench_gpu_targets: Ni = Nt = 4096, H = 12; the spec's L and Dh).
 BENCHMARK_IMAGES = BENCHMARK_TEXTS = 4096
 BENCHMARK_HEADS = 12
@@ -145,6 +151,8 @@ def _launch_integers(spec: Spec) -> dict[str, int]:
         "stride_mt": words if spec.has_mask else 0, "stride_ml": 1 if spec.has_mask else 0,
         "stride_oi": BENCHMARK_TEXTS, "stride_gt": BENCHMARK_IMAGES,
         "stride_split": BENCHMARK_IMAGES * heads * head_dim, "texts_per_split": BENCHMARK_TEXTS,
+        "stride_sp": heads * BENCHMARK_TEXTS * BENCHMARK_IMAGES, "stride_sh": BENCHMARK_TEXTS * BENCHMARK_IMAGES,
+        "stride_st": BENCHMARK_IMAGES,
         "Ni": BENCHMARK_IMAGES, "Nt": BENCHMARK_TEXTS, "L": words, "H": heads,
     }  # fmt: skip
 
@@ -170,6 +178,8 @@ def _signature(fn, spec: Spec, constexprs: dict) -> dict:
             signature[name] = "constexpr"
         elif name == "Mask":
             signature[name] = "*u8" if spec.has_mask else "*" + spec.dtype
+        elif name == "Stats":  # float32; without statistics to store the launch passes q in its place
+            signature[name] = "*fp32" if spec.store_stats else "*" + spec.dtype
         elif name in POINTERS:
             signature[name] = "*" + spec.dtype
         elif name.startswith("scale"):
@@ -212,6 +222,22 @@ def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
     return min(by_registers, by_shared, SM90_WARPS // num_warps, SM90_BLOCKS)
 
 
+def replicated_products(ttgir: str) -> bool:
+    """Whether a tensor-core product's layout covers more rows or columns than its result has, so that several
+    warps compute the same elements. Triton gives every warp of a kernel with chained products (both backward
+    kernels) 16 rows of them: with BLOCK_I < 16 x num_warps the products and the softmax around them run twice."""
+    layouts = {}
+    for name, body in re.findall(r"^#(mma\d*) = #ttg\.nvidia_mma<\{(.*)\}>", ttgir, re.MULTILINE):
+        warps = re.search(r"warpsPerCTA = \[(\d+), (\d+)\]", body).groups()
+        instr = re.search(r"instrShape = \[(\d+), (\d+)", body).groups()
+        layouts[name] = [int(x) for x in warps], [int(x) for x in instr]
+    for rows, cols, name in re.findall(r"(?:warp_group_dot|tt\.dot) .*-> tensor<(\d+)x(\d+)xf32, #(mma\d*)>", ttgir):
+        (warp_rows, warp_cols), (instr_rows, instr_cols) = layouts[name]
+        if warp_rows * instr_rows > int(rows) or warp_cols * instr_cols > int(cols):
+            return True
+    return False
+
+
 def compile_spec(spec: Spec) -> dict:
     """Compiles one specialisation for sm_90 and returns its report row (``error`` set when it failed)."""
     import triton
@@ -225,6 +251,7 @@ def compile_spec(spec: Spec) -> dict:
         "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
         "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n, "BLOCK_T": block_n,
         "A_IN_REGISTERS": spec.kernel == "fwd" and bool(spec.tile[4]),
+        "IMAGE_GRADS": spec.image_grads, "STORE_STATS": spec.store_stats,
     }  # fmt: skip
     if "GROUP_I" in fn.arg_names:
         from msa.kernels.mscmat_kernels import FWD_IMAGE_GROUP
@@ -259,6 +286,7 @@ def compile_spec(spec: Spec) -> dict:
     row["mma"] = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none")
     if re.search(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*\{", ptx):
         row["mma"] = "wgmma, A in registers"  # the register-A form: {d...}, {a...}, desc_b
+    row["replicated"] = replicated_products(compiled.asm["ttgir"])
     row["compile_s"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -290,7 +318,8 @@ def markdown(rows: list[dict], title: str) -> str:
             continue
         lines.append(
             head + f"| {row['registers']} | {row['spill_stores']}/{row['spill_loads']} "
-            f"| {row['shared_bytes'] / 1024:.1f} | {row['ctas_per_sm']} | {row['mma']} |"
+            f"| {row['shared_bytes'] / 1024:.1f} | {row['ctas_per_sm']} "
+            f"| {row['mma']}{', rows replicated' if row['replicated'] else ''} |"
         )
     return "\n".join(lines) + "\n"
 

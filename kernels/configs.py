@@ -2,9 +2,10 @@
 
 Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages, A_IN_REGISTERS), BLOCK_I images against BLOCK_T texts,
 one text (BLOCK_L words) per product; A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products'
-A operand, 0 in shared memory. Backward tile: (BLOCK_I, 1, num_warps, num_stages). The lists are in order of
-preference; with autotuning off (MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config is
-dropped before any compile when
+A operand, 0 in shared memory. Backward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_T texts per
+product in the words kernel (1 in the images kernel). The lists are in order of preference; with autotuning off
+(MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config is dropped before any compile when
+- its products would have more than MAX_BLOCK_L columns (BLOCK_T texts of a long chunk), or
 - its pipelined stages exceed the shared memory of an sm_90 block (SHARED_MEMORY_BUDGET), or
 - its float32 register tiles exceed REGISTER_TILE_BUDGET values per thread (beyond that ptxas spills).
 float32 runs its products on FMA units (no TF32 unless torch allows it) and gets small tiles.
@@ -54,16 +55,20 @@ FWD_TILES: dict[str, list[Tile]] = {
     ],
     "fp32": [(32, 4, 4, 2, 0), (64, 4, 4, 2, 0), (32, 8, 4, 2, 0)],
 }
-# Backward tiles are (BLOCK_I, 1, num_warps, num_stages): each product is one text's word chunk. The words kernel
-# holds dk, dv and its own k, v besides the image tile; at Dh = 64 none of its tiles spills: 64 images on eight
-# warps take 104 registers (two blocks per SM), on four 125 (three blocks), 128 on eight 102-118 (sm_90 compile
-# report, Triton 3.6 and 3.8); which is fastest is the autotuner's to measure.
+# Backward tiles are (BLOCK_I, BLOCK_T, num_warps, num_stages). Both backward kernels chain products (a product's
+# result feeds another), for which Triton gives every warp 16 rows of the tile: BLOCK_I >= 16 x num_warps, or
+# the warps compute the same rows (kernel_report flags it; the words kernel's former default, 64 images on eight
+# warps, did so). The images kernel's products are one text's word chunk (BLOCK_T 1). The words kernel lays
+# BLOCK_T texts' chunks side by side as its products' columns (at most MAX_BLOCK_L), so each q, u tile it streams
+# from L2 serves BLOCK_T texts. At Dh = 64, L = 32 (sm_90 compile report, Triton 3.8): 64 images on four warps
+# take 118 registers (three blocks per SM), 128 on eight 106 (two), two texts on 64 / 4 take 216 (two) and on
+# 128 / 8 186 (one); the autotuner measures which wins.
 BWD_IMAGES_TILES: dict[str, list[Tile]] = {
     "low": [(64, 1, 4, 3), (128, 1, 8, 3), (64, 1, 4, 2), (32, 1, 4, 3)],
     "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
 }
 BWD_WORDS_TILES: dict[str, list[Tile]] = {
-    "low": [(64, 1, 8, 3), (128, 1, 8, 3), (128, 1, 8, 2), (64, 1, 4, 3), (32, 1, 4, 3)],
+    "low": [(64, 1, 4, 3), (128, 1, 8, 2), (64, 2, 4, 2), (128, 2, 8, 2)],
     "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
 }
 # Sizes are in the key: the best tile differs between a 128-text batch and a 5465-caption test split.
@@ -73,6 +78,8 @@ AUTOTUNE_KEY = ["Ni", "Nt", "L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION",
 def _kwargs(tiles: dict[str, list[Tile]], tile: Tile) -> dict[str, int]:
     if tiles is FWD_TILES:
         return {"BLOCK_I": tile[0], "BLOCK_T": tile[1], "A_IN_REGISTERS": bool(tile[4])}
+    if tiles is BWD_WORDS_TILES:
+        return {"BLOCK_I": tile[0], "BLOCK_T": tile[1]}
     return {"BLOCK_I": tile[0]}
 
 
@@ -90,29 +97,36 @@ def all_configs(tiles: dict[str, list[Tile]]) -> list[triton.Config]:
     return [triton.Config(_kwargs(tiles, tile), num_warps=tile[2], num_stages=tile[3]) for tile in unique]
 
 
+def product_words(tile: Tile, block_l: int, role: str) -> int:
+    """Columns of the kernel's products: one text's word chunk, or BLOCK_T of them side by side (words kernel)."""
+    return tile[1] * block_l if role == "bwd_words" else block_l
+
+
 def shared_memory_bytes(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> int:
     """Shared memory the software pipeline stages (the products read their operands there): the streamed
     operand pair per stage (k, v of a text; q, u of an image tile in the words kernel) next to the stationary one
     (unless the forward holds it in registers)."""
     block_i, stages = tile[0], tile[3]
-    streamed, stationary = (block_i, block_l) if role == "bwd_words" else (block_l, block_i)
+    words = product_words(tile, block_l, role)
+    streamed, stationary = (block_i, words) if role == "bwd_words" else (words, block_i)
     if role == "fwd" and tile[4]:
         stationary = 0
     return (2 * max(stages, 1) * streamed + 2 * stationary) * block_d * element_bytes
 
 
 def register_tile_values(tile: Tile, block_l: int, block_d: int, role: str) -> int:
-    """float32 values per thread in the kernel's live register tiles: logits and readouts [BLOCK_I, BLOCK_L],
-    plus the gradient accumulators of the backward kernels (dq, du [BLOCK_I, Dh]; dk, dv [BLOCK_L, Dh]) or the
+    """float32 values per thread in the kernel's live register tiles: logits and readouts [BLOCK_I, words],
+    plus the gradient accumulators of the backward kernels (dq, du [BLOCK_I, Dh]; dk, dv [words, Dh]) or the
     forward's q, u held in registers (two 16-bit values per register)."""
     block_i, warps = tile[0], tile[2]
-    values = 2 * block_i * block_l
+    words = product_words(tile, block_l, role)
+    values = 2 * block_i * words
     if role == "fwd" and tile[4]:
         values += block_i * block_d
     elif role == "bwd_images":
         values += 2 * block_i * block_d
     elif role == "bwd_words":
-        values += 2 * block_l * block_d
+        values += 2 * words * block_d
     return values // (warps * WARP_SIZE)
 
 
@@ -125,9 +139,10 @@ def tile_fits(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: 
 
 def fitting_tiles(tiles: dict[str, list[Tile]], dtype: torch.dtype, block_l: int, block_d: int, role: str):
     """The tiles of ``tiles`` for ``dtype`` that fit, in order of preference; never empty: when none fits (long
-    texts at a large Dh) the first of the list runs, with spills, rather than a small tile that would give up
-    wgmma (64 rows per warpgroup) as well."""
+    texts at a large Dh) the first of the list with products of at most MAX_BLOCK_L words runs, with spills,
+    rather than a small tile that would give up wgmma (64 rows per warpgroup) as well."""
     wanted = tiles["fp32" if dtype == torch.float32 else "low"]
+    wanted = [tile for tile in wanted if product_words(tile, block_l, role) <= MAX_BLOCK_L]
     element_bytes = torch.finfo(dtype).bits // 8
     kept = [tile for tile in wanted if tile_fits(tile, block_l, block_d, element_bytes, role)]
     return kept or wanted[:1]

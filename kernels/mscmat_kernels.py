@@ -15,9 +15,11 @@ loop-invariant.
 
 Backward recomputes S and R (nothing but the output is stored by the forward) and forms, from the same
 exponentials, dS = g p (r - o) scale and dR = g p (o = sum_l p r per image, text, head); dq = dS K, du = dR V in
-one kernel (image tile and head stationary, texts streamed) and dk = dS^T Q, dv = dR^T U in another (a text's
-word chunk and head stationary, image tiles streamed): neither needs atomics nor anything of size Ni Nt H L.
-Accumulation is float32 throughout.
+one kernel (image tile and head stationary, texts streamed) and dk = dS^T Q, dv = dR^T U in another (the word
+chunks of a few texts and a head stationary, image tiles streamed): neither needs atomics nor anything of size
+Ni Nt H L. The first kernel also writes each (image, text, head)'s log-sum-exp and o (8 bytes; the caller bounds
+their total), so the second needs no reduction over a text's words: its p is elementwise, which lets one product
+hold several texts. Accumulation is float32 throughout.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from msa.kernels.configs import AUTOTUNE_KEY, BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, all_configs, pruner
-from msa.kernels.tiles import NEG_INF, chunk_rows, finalize, load_rows, mma
+from msa.kernels.tiles import NEG_INF, chunk_rows, finalize, load_rows, mma, store_stats
 
 # Image tiles of the forward that sweep the same text tiles together (see mscmat_scores_fwd_kernel). Passed at
 # every launch: torch.compile's capture of a triton_op checks the arguments against the signature and takes no
@@ -171,18 +173,22 @@ def _product_grads(e, r, inv_den, head_out, g, scale):
 )
 @triton.jit
 def mscmat_scores_bwd_images_kernel(
-    Q, U, K, V, Mask, GradT, DQ, DU,
+    Q, U, K, V, Mask, GradT, DQ, DU, Stats,
     stride_qi, stride_qh, stride_kt, stride_kl, stride_kh, stride_mt, stride_ml, stride_gt, stride_split,
+    stride_sp, stride_sh, stride_st,
     Ni, Nt, L, H, scale, scale_log2, texts_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_I: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    IMAGE_GRADS: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
     """dq = dS K and du = dR V of one image tile and one head: q, u stay, the texts stream past them one per step
     (the pipelined loop). GradT is the incoming gradient transposed, [Nt, Ni], so that a text's column of it is
     one contiguous load; dq, du have q's contiguous [Ni, H, Dh] layout. Grid: image tiles x heads x text splits;
     with several splits each program sums texts_per_split texts into its own float32 slice of DQ, DU
     ([splits, Ni, H, Dh], stride_split apart), which the caller adds up: at training sizes (Ni = 128) the image
-    tiles and heads alone make too few programs for the SMs."""
+    tiles and heads alone make too few programs for the SMs.
+    STORE_STATS writes each (image, text, head)'s softmax statistics to Stats ([2, H, Nt, Ni] float32: lse, o)
+    for the words kernel; IMAGE_GRADS False computes only those (a frozen image side)."""
     tile_i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -199,13 +205,13 @@ def mscmat_scores_bwd_images_kernel(
     q = tl.load(Q + image_base + image_tile, mask=image_ok, other=0.0)
     u = tl.load(U + image_base + image_tile, mask=image_ok, other=0.0)
     G_text = GradT + first_text * stride_gt + tile_i * BLOCK_I
+    S_text = Stats + h * stride_sh + first_text * stride_st + tile_i * BLOCK_I
     K_text = K + first_text * stride_kt + h * stride_kh
     V_text = V + first_text * stride_kt + h * stride_kh
     Mask_text = Mask + first_text * stride_mt
     dq = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
     du = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
     for _ in range(first_text, tl.minimum(first_text + texts_per_split, Nt)):
-        g = tl.load(G_text + rows_i, mask=rows_ok, other=0.0).to(tl.float32)
         if ONE_CHUNK:
             in_bounds, valid = chunk_rows(Mask_text + offs_l * stride_ml, True, offs_l, L, HAS_MASK)
             k = load_rows(K_text + word_tile, valid, d_ok)
@@ -214,34 +220,54 @@ def mscmat_scores_bwd_images_kernel(
             r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
             m = tl.max(s, axis=1)
             e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, None])
-            _, inv_den, head_out = finalize(m, tl.sum(e, axis=1), tl.sum(e * r, axis=1), scale_log2)
-            ds, dr = _product_grads(e, r, inv_den, head_out, g, scale)
-            dq = mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
-            du = mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
+            m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=1), tl.sum(e * r, axis=1), scale_log2)
+            if IMAGE_GRADS:
+                g = tl.load(G_text + rows_i, mask=rows_ok, other=0.0).to(tl.float32)
+                ds, dr = _product_grads(e, r, inv_den, head_out, g, scale)
+                dq = mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
+                du = mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
+            if STORE_STATS:
+                store_stats(S_text + rows_i, stride_sp, m_scaled, inv_den, head_out, rows_ok)
         else:
             # Long texts: a first pass over the word chunks for the softmax statistics, a second for the grads.
             m_scaled, inv_den, head_out = _text_stats(
                 q, u, K_text, V_text, Mask_text, word_tile, True, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
                 HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
             )  # fmt: skip
-            for w0 in range(0, L, BLOCK_L):
-                words = w0 + offs_l
-                in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, True, words, L, HAS_MASK)
-                k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
-                v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
-                s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-                r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-                e = tl.exp2(s * scale_log2 - m_scaled[:, None])
-                ds, dr = _product_grads(e, r, inv_den, head_out, g, scale)
-                dq = mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
-                du = mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
+            if STORE_STATS:
+                store_stats(S_text + rows_i, stride_sp, m_scaled, inv_den, head_out, rows_ok)
+            if IMAGE_GRADS:
+                g = tl.load(G_text + rows_i, mask=rows_ok, other=0.0).to(tl.float32)
+                for w0 in range(0, L, BLOCK_L):
+                    words = w0 + offs_l
+                    in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, True, words, L, HAS_MASK)
+                    k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
+                    v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
+                    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
+                    r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+                    e = tl.exp2(s * scale_log2 - m_scaled[:, None])
+                    ds, dr = _product_grads(e, r, inv_den, head_out, g, scale)
+                    dq = mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
+                    du = mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
         G_text += stride_gt
+        S_text += stride_st
         K_text += stride_kt
         V_text += stride_kt
         Mask_text += stride_mt
-    out_base = split * stride_split + image_base
-    tl.store(DQ + out_base + image_tile, dq.to(DQ.dtype.element_ty), mask=image_ok)
-    tl.store(DU + out_base + image_tile, du.to(DU.dtype.element_ty), mask=image_ok)
+    if IMAGE_GRADS:
+        out_base = split * stride_split + image_base
+        tl.store(DQ + out_base + image_tile, dq.to(DQ.dtype.element_ty), mask=image_ok)
+        tl.store(DU + out_base + image_tile, du.to(DU.dtype.element_ty), mask=image_ok)
+
+
+@triton.jit
+def _per_column(per_text, BLOCK_L: tl.constexpr):
+    """[BLOCK_I, BLOCK_T] values per image and text as [BLOCK_I, BLOCK_T * BLOCK_L], one per image and column
+    (column c belongs to text c // BLOCK_L)."""
+    rows: tl.constexpr = per_text.shape[0]
+    texts: tl.constexpr = per_text.shape[1]
+    widened = tl.broadcast_to(per_text[:, :, None], (rows, texts, BLOCK_L))
+    return tl.reshape(widened, (rows, texts * BLOCK_L))
 
 
 @triton.autotune(
@@ -249,65 +275,79 @@ def mscmat_scores_bwd_images_kernel(
 )
 @triton.jit
 def mscmat_scores_bwd_words_kernel(
-    Q, U, K, V, Mask, GradT, DK, DV,
+    Q, U, K, V, Mask, GradT, Stats, DK, DV,
     stride_qi, stride_qh, stride_kt, stride_kl, stride_kh, stride_mt, stride_ml, stride_gt,
+    stride_sp, stride_sh, stride_st,
     Ni, Nt, L, H, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_I: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """dk = dS^T Q and dv = dR^T U of one word chunk of one text and one head (grid: texts x chunks, heads): its
-    k, v stay, the image tiles stream past. The products are computed transposed, dk^T = Q^T dS: their M is
-    Dh >= 64 rows, which Hopper's wgmma needs, where a chunk of 32 words would fall back to mma.sync."""
+    """dk = dS^T Q and dv = dR^T U of one word chunk of BLOCK_T consecutive texts and one head (grid: text tiles x
+    chunks, heads): their k, v stay, side by side as the columns of one product (column c is word c % BLOCK_L of
+    text c // BLOCK_L), and the image tiles stream past. The softmax statistics come from the images kernel
+    (Stats, see mscmat_scores_bwd_images_kernel), so p = exp2(s * scale_log2 - lse) is elementwise: no reduction
+    across a text's words, and the columns may belong to several texts. Each q, u byte read from L2 then serves
+    BLOCK_T texts. The products are computed transposed, dk^T = Q^T dS: their M is Dh >= 64 rows, which Hopper's
+    wgmma needs, where a chunk of 32 words would fall back to mma.sync."""
     num_chunks = tl.cdiv(L, BLOCK_L)
     pid = tl.program_id(0).to(tl.int64)
-    text = pid // num_chunks
+    first_text = (pid // num_chunks) * BLOCK_T
     w0 = (pid % num_chunks) * BLOCK_L
     h = tl.program_id(1).to(tl.int64)
     rows_i = tl.arange(0, BLOCK_I)
-    offs_l = tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_T * BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    # Per column: its text and word relative to the program's first text and chunk (int32); the 64-bit parts sit
+    # in the base pointers.
+    col_text = cols // BLOCK_L
+    col_word = cols % BLOCK_L
+    in_bounds = (first_text + col_text < Nt) & (w0 + col_word < L)
+    valid = in_bounds
+    if HAS_MASK:
+        Mask_chunk = Mask + first_text * stride_mt + w0 * stride_ml
+        word_valid = tl.load(Mask_chunk + col_text * stride_mt + col_word * stride_ml, mask=in_bounds, other=0)
+        valid = in_bounds & (word_valid != 0)
+    word_rows = col_text * stride_kt + col_word * stride_kl
+    word_tile = word_rows[:, None] + offs_d[None, :]
+    K_chunk = K + first_text * stride_kt + w0 * stride_kl + h * stride_kh
+    V_chunk = V + first_text * stride_kt + w0 * stride_kl + h * stride_kh
+    k = load_rows(K_chunk + word_tile, valid, d_ok)
+    v = load_rows(V_chunk + word_tile, valid, d_ok)
     image_tile = rows_i[:, None] * stride_qi + offs_d[None, :]
-    word_tile = offs_l[:, None] * stride_kl + offs_d[None, :]
-    K_text = K + text * stride_kt + h * stride_kh
-    V_text = V + text * stride_kt + h * stride_kh
-    Mask_text = Mask + text * stride_mt
-    words = w0 + offs_l
-    in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, True, words, L, HAS_MASK)
-    k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
-    v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
+    # Statistics and gradient per image and text: [BLOCK_I, BLOCK_T] loads, widened to the columns in registers.
+    offs_t = tl.arange(0, BLOCK_T)
+    texts_ok = first_text + offs_t < Nt
+    grad_tile = rows_i[:, None] + (offs_t * stride_gt)[None, :]
+    stats_tile = rows_i[:, None] + (offs_t * stride_st)[None, :]
     Q_tile = Q + h * stride_qh
     U_tile = U + h * stride_qh
-    G_tile = GradT + text * stride_gt
-    dk_t = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    dv_t = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    G_tile = GradT + first_text * stride_gt
+    S_tile = Stats + h * stride_sh + first_text * stride_st
+    dk_t = tl.zeros((BLOCK_D, BLOCK_T * BLOCK_L), dtype=tl.float32)
+    dv_t = tl.zeros((BLOCK_D, BLOCK_T * BLOCK_L), dtype=tl.float32)
     for i0 in range(0, Ni, BLOCK_I):
         rows_ok = i0 + rows_i < Ni
         image_ok = rows_ok[:, None] & d_ok[None, :]
+        stats_ok = rows_ok[:, None] & texts_ok[None, :]
         q = tl.load(Q_tile + image_tile, mask=image_ok, other=0.0)
         u = tl.load(U_tile + image_tile, mask=image_ok, other=0.0)
-        g = tl.load(G_tile + rows_i, mask=rows_ok, other=0.0).to(tl.float32)
-        s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
+        g = _per_column(tl.load(G_tile + grad_tile, mask=stats_ok, other=0.0).to(tl.float32), BLOCK_L)
+        lse = _per_column(tl.load(S_tile + stats_tile, mask=stats_ok, other=0.0), BLOCK_L)
+        head_out = _per_column(tl.load(S_tile + stride_sp + stats_tile, mask=stats_ok, other=0.0), BLOCK_L)
+        s = mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST)
         r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-        if ONE_CHUNK:
-            m = tl.max(s, axis=1)
-            e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, None])
-            _, inv_den, head_out = finalize(m, tl.sum(e, axis=1), tl.sum(e * r, axis=1), scale_log2)
-        else:
-            m_scaled, inv_den, head_out = _text_stats(
-                q, u, K_text, V_text, Mask_text, word_tile, True, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
-                HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
-            )  # fmt: skip
-            e = tl.exp2(s * scale_log2 - m_scaled[:, None])
-        ds, dr = _product_grads(e, r, inv_den, head_out, g, scale)
+        dr = tl.where(valid[None, :], g * tl.exp2(s * scale_log2 - lse), 0.0)
+        ds = dr * (r - head_out) * scale
         dk_t = mma(tl.trans(q), ds.to(q.dtype), dk_t, INPUT_PRECISION, UPCAST)
         dv_t = mma(tl.trans(u), dr.to(u.dtype), dv_t, INPUT_PRECISION, UPCAST)
         Q_tile += BLOCK_I * stride_qi
         U_tile += BLOCK_I * stride_qi
         G_tile += BLOCK_I
-    # dk and dv have k's contiguous layout: element (d, l) of dk^T goes to word w0 + l, feature d.
-    out_tile = offs_d[:, None] + offs_l[None, :] * stride_kl
+        S_tile += BLOCK_I
+    # dk and dv have k's contiguous layout: element (d, c) of dk^T goes to column c's word, feature d.
+    out_tile = offs_d[:, None] + word_rows[None, :]
     out_ok = d_ok[:, None] & in_bounds[None, :]
-    out_base = text * stride_kt + h * stride_kh + w0 * stride_kl
+    out_base = first_text * stride_kt + w0 * stride_kl + h * stride_kh
     tl.store(DK + out_base + out_tile, dk_t.to(DK.dtype.element_ty), mask=out_ok)
     tl.store(DV + out_base + out_tile, dv_t.to(DV.dtype.element_ty), mask=out_ok)

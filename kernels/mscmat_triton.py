@@ -26,6 +26,9 @@ LOG2_E = math.log2(math.e)
 # Programs the dq/du kernel should have at least (two per SM of a 132-SM H100), counted with 64-image tiles.
 BACKWARD_PROGRAMS = 264
 IMAGES_PER_SPLIT_ESTIMATE = 64
+# The words kernel reads the softmax statistics of every (image, text, head) from the images kernel, 8 bytes
+# each; beyond this many bytes the backward walks the texts in blocks (1 GiB: Ni = Nt = 4096 at H = 12 is 1.6).
+STATS_BYTES_BUDGET = 1 << 30
 
 
 def _block_sizes(num_words: int, head_dim: int) -> tuple[int, int]:
@@ -132,43 +135,77 @@ def _mscmat_scores_triton_backward_op(
 
 def _triton_backward(grad_scores, q, u, k, v, word_mask, scale, grads, images_grads, words_grads):
     dq, du, dk, dv = grads
-    num_images, heads, head_dim = q.shape
-    num_texts, num_words = k.shape[0], k.shape[1]
+    num_images, heads, _ = q.shape
+    num_texts = k.shape[0]
     q, u, k, v, mask, mask_strides, has_mask = _prepared(q, u, k, v, word_mask)
     # dq/du and q share strides (both contiguous after _prepared), likewise dk/dv and k.
     q, u, k, v = (t.contiguous() for t in (q, u, k, v))
-    block_l, block_d = _block_sizes(num_words, head_dim)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask,
-                  INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype),
-                  ONE_CHUNK=num_words <= block_l)  # fmt: skip
     # Transposed, a text's column of the gradient is one contiguous row: both kernels read it per text.
     grad_t = grad_scores.t().contiguous()
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), mask_strides[0], mask_strides[1],
-               grad_t.stride(0))  # fmt: skip
-    sizes = (num_images, num_texts, num_words, heads, scale, scale * LOG2_E)
-    if images_grads:
-        splits, texts_per_split = _text_splits(num_images, num_texts, heads)
-        if splits == 1:
-            dq_parts, du_parts = dq, du
-        else:
-            dq_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
-            du_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
-
-        def images_grid(meta):
-            return (triton.cdiv(num_images, meta["BLOCK_I"]), heads, splits)
-
-        wrap_triton(mscmat_scores_bwd_images_kernel)[images_grid](
-            q, u, k, v, mask, grad_t, dq_parts, du_parts, *strides, q.numel(), *sizes, texts_per_split, **common
-        )
-        if splits > 1:
-            dq.copy_(dq_parts.sum(0))
-            du.copy_(du_parts.sum(0))
-    if words_grads:
-        words_grid = (num_texts * triton.cdiv(num_words, block_l), heads)
-        wrap_triton(mscmat_scores_bwd_words_kernel)[words_grid](
-            q, u, k, v, mask, grad_t, dk, dv, *strides, *sizes, **common
-        )
+    inputs = (q, u, k, v, mask, mask_strides, has_mask, grad_t, scale)
+    block = _texts_per_stats_block(num_images, num_texts, heads) if words_grads else num_texts
+    if block >= num_texts:
+        _backward_texts(*inputs, (dq, du, dk, dv), images_grads, words_grads)
+        return dq, du, dk, dv
+    # Texts in blocks, so that the statistics stay within STATS_BYTES_BUDGET: dq and du are sums over the blocks.
+    sums = [torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2 if images_grads else 0)]
+    for first in range(0, num_texts, block):
+        texts = slice(first, first + block)
+        parts = [torch.empty_like(total) for total in sums] or [dq, du]
+        block_mask = mask[texts] if has_mask else mask
+        block_inputs = (q, u, k[texts], v[texts], block_mask, mask_strides, has_mask, grad_t[texts], scale)
+        _backward_texts(*block_inputs, (*parts, dk[texts], dv[texts]), images_grads, words_grads)
+        for total, part in zip(sums, parts):
+            total += part
+    for grad, total in zip((dq, du), sums):
+        grad.copy_(total)
     return dq, du, dk, dv
+
+
+def _texts_per_stats_block(num_images: int, num_texts: int, heads: int) -> int:
+    """Texts whose softmax statistics (8 bytes per image, text and head) fit STATS_BYTES_BUDGET."""
+    return max(1, min(num_texts, STATS_BYTES_BUDGET // (8 * num_images * heads)))
+
+
+def _backward_texts(q, u, k, v, mask, mask_strides, has_mask, grad_t, scale, grads, images_grads, words_grads):
+    """The images kernel (dq, du, and the softmax statistics when dk or dv are asked for), then the words kernel
+    (dk, dv) from those statistics, for all of k's texts."""
+    dq, du, dk, dv = grads
+    num_images, heads, head_dim = q.shape
+    num_texts, num_words = k.shape[0], k.shape[1]
+    block_l, block_d = _block_sizes(num_words, head_dim)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask,
+                  INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype))  # fmt: skip
+    # Statistics [2, H, Nt, Ni]: lse and o of every (image, text, head), a text's row contiguous over images.
+    stats = q.new_empty((2, heads, num_texts, num_images), dtype=torch.float32) if words_grads else q
+    stats_strides = (heads * num_texts * num_images, num_texts * num_images, num_images) if words_grads else (0, 0, 0)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *mask_strides, grad_t.stride(0))
+    sizes = (num_images, num_texts, num_words, heads, scale, scale * LOG2_E)
+    splits, texts_per_split = _text_splits(num_images, num_texts, heads)
+    dq_parts, du_parts = dq, du
+    if images_grads and splits > 1:
+        dq_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
+        du_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
+
+    def images_grid(meta):
+        return (triton.cdiv(num_images, meta["BLOCK_I"]), heads, splits)
+
+    wrap_triton(mscmat_scores_bwd_images_kernel)[images_grid](
+        q, u, k, v, mask, grad_t, dq_parts, du_parts, stats, *strides, q.numel(), *stats_strides, *sizes,
+        texts_per_split, ONE_CHUNK=num_words <= block_l, IMAGE_GRADS=images_grads, STORE_STATS=words_grads,
+        **common,
+    )  # fmt: skip
+    if images_grads and splits > 1:
+        dq.copy_(dq_parts.sum(0))
+        du.copy_(du_parts.sum(0))
+    if words_grads:
+
+        def words_grid(meta):
+            return (triton.cdiv(num_texts, meta["BLOCK_T"]) * triton.cdiv(num_words, block_l), heads)
+
+        wrap_triton(mscmat_scores_bwd_words_kernel)[words_grid](
+            q, u, k, v, mask, grad_t, stats, dk, dv, *strides, *stats_strides, *sizes, **common
+        )
 
 
 register_scores_autograd(_mscmat_scores_triton_op.register_autograd, torch.ops.msa.mscmat_scores_triton_backward)

@@ -49,3 +49,14 @@ def finalize(m, den, num, scale_log2):
     has_word = den > 0
     inv_den = tl.where(has_word, 1.0 / tl.where(has_word, den, 1.0), 0.0)
     return m_scaled, inv_den, num * inv_den
+
+
+@triton.jit
+def store_stats(ptrs, plane_stride, m_scaled, inv_den, head_out, rows_ok):
+    """Writes the softmax statistics of BLOCK_I images against one text and head for the words kernel: the
+    log2-sum-exp lse, so that p = exp2(s * scale_log2 - lse) needs no reduction there, and, plane_stride further
+    on, the head output o. A text without a valid word gets lse = 0 (its words are masked there anyway)."""
+    has_word = inv_den > 0
+    lse = tl.where(has_word, m_scaled - tl.log2(tl.where(has_word, inv_den, 1.0)), 0.0)
+    tl.store(ptrs, lse, mask=rows_ok)
+    tl.store(ptrs + plane_stride, head_out, mask=rows_ok)

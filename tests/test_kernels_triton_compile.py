@@ -84,13 +84,18 @@ def test_default_forward_tile_fits_three_blocks_per_sm(default_rows):
     assert row["registers"] <= 85 and row["ctas_per_sm"] == 3, row
 
 
-def test_forward_register_operand_tile_uses_the_register_a_form():
-    """A_IN_REGISTERS (an autotune candidate) must reach wgmma's register-A form, or it is the shared-memory tile
-    with more registers."""
+def test_default_tiles_compute_each_row_once(default_rows):
+    """No default tile lets several warps compute the same rows of a product (see configs.BWD_IMAGES_TILES)."""
+    for row in default_rows:
+        assert not row["replicated"], row
+
+
+def _compile_one(spec: str) -> dict:
+    """kernel_report's row for one Spec (Python source), compiled in a child process."""
     pytest.importorskip("triton")
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
-        "print(json.dumps(kr.compile_spec(kr.Spec('fwd', 'bf16', 32, 64, False, True, (128, 8, 8, 3, 1)))))\n"
+        f"print(json.dumps(kr.compile_spec(kr.{spec})))\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run(
@@ -101,4 +106,19 @@ def test_forward_register_operand_tile_uses_the_register_a_form():
     row = json.loads(run.stdout.strip().splitlines()[-1])
     if "error" in row and "ASTSource" in row["error"]:
         pytest.skip(f"no offline compiler API: {row['error']}")
+    return row
+
+
+def test_forward_register_operand_tile_uses_the_register_a_form():
+    """A_IN_REGISTERS (an autotune candidate) must reach wgmma's register-A form, or it is the shared-memory tile
+    with more registers."""
+    row = _compile_one("Spec('fwd', 'bf16', 32, 64, False, True, (128, 8, 8, 3, 1))")
     assert row["mma"] == "wgmma, A in registers" and row["spill_stores"] == 0, row
+
+
+def test_report_flags_rows_computed_by_several_warps():
+    """64 images on eight warps in the words kernel: Triton gives each of the eight warps 16 rows of the chained
+    products, 128 in all, so the two warpgroups compute the same 64. The report must see it (or the check on the
+    default tiles above proves nothing)."""
+    assert _compile_one("Spec('bwd_words', 'bf16', 32, 64, False, True, (64, 1, 8, 3))")["replicated"]
+    assert not _compile_one("Spec('bwd_words', 'bf16', 32, 64, False, True, (128, 1, 8, 3))")["replicated"]

@@ -105,6 +105,40 @@ def test_forward_and_gradients_match_reference(triton_module, ni, nt, length, he
 
 
 @in_interpreter
+@pytest.mark.parametrize("length", [9, 130])
+def test_backward_with_every_text_in_one_split(triton_module, monkeypatch, length):
+    """At these sizes the dq/du kernel gives each text its own split; with BACKWARD_PROGRAMS 1 there is one split,
+    so each program walks all texts (as at large sizes on a GPU) and writes dq, du without a workspace."""
+    monkeypatch.setattr(triton_module, "BACKWARD_PROGRAMS", 1)
+    assert triton_module._text_splits(5, 7, 2) == (1, 7)
+    q, u, k, v, mask = make_inputs(5, 7, length, 2, 16, "masked-texts")
+    grad_scores = torch.randn(5, 7, generator=torch.Generator().manual_seed(6))
+    grads = grads_of(triton_module.mscmat_scores_triton(q, u, k, v, mask), (q, u, k, v), grad_scores)
+    expected = grads_of(mscmat_scores_ref(q, u, k, v, mask), (q, u, k, v), grad_scores)
+    for name, got, want in zip("qukv", grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d{name}")
+
+
+@in_interpreter
+@pytest.mark.parametrize("length", [9, 130])
+def test_backward_in_text_blocks_when_statistics_exceed_the_budget(triton_module, monkeypatch, length):
+    """With the softmax statistics over budget the backward walks the texts in blocks (here two texts each, the
+    last block shorter): every gradient still matches the reference and the one-block run."""
+    ni, nt, heads = 5, 7, 2
+    q, u, k, v, mask = make_inputs(ni, nt, length, heads, 16, "masked-texts")
+    grad_scores = torch.randn(ni, nt, generator=torch.Generator().manual_seed(5))
+    scores = triton_module.mscmat_scores_triton(q, u, k, v, mask)
+    one_block = grads_of(scores, (q, u, k, v), grad_scores)
+    monkeypatch.setattr(triton_module, "STATS_BYTES_BUDGET", 2 * 8 * ni * heads)
+    assert triton_module._texts_per_stats_block(ni, nt, heads) == 2
+    blocks = grads_of(triton_module.mscmat_scores_triton(q, u, k, v, mask), (q, u, k, v), grad_scores)
+    expected = grads_of(mscmat_scores_ref(q, u, k, v, mask), (q, u, k, v), grad_scores)
+    for name, got, same, want in zip("qukv", blocks, one_block, expected):
+        torch.testing.assert_close(got, same, rtol=1e-6, atol=1e-6, msg=f"d{name}")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d{name}")
+
+
+@in_interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_within_twice_the_reference_error(triton_module, dtype):
     """Flash-attention's rule: the kernel's error against the float32 reference is at most twice that of the
