@@ -6,7 +6,8 @@ At bf16, Ni = Nt = 4096, L = 32, H = 12, Dh = 64, for each GPU backend ("triton"
 and forward+backward time, TFLOP/s and the fraction of the dense bf16 matmul rate measured here (forward FLOPs
 4 L H Dh per pair; backward counted as twice the forward, as in bench_mscmat.py), speed-up over the einsum
 reference (run over image chunks that fit in memory), peak extra memory; then a full evaluation of RSICD's test
-split (1093 images x 5465 captions, 4 scales) through MSCMAT. Writes bench_gpu_targets_<card>.json and .md.
+split (1093 images x 5465 captions, 4 scales) through MSCMAT. Writes bench_gpu_targets_<card>.json and .md,
+with the configuration the Triton autotuner chose for each kernel and size.
 """
 
 from __future__ import annotations
@@ -105,7 +106,26 @@ def rsicd_rows(backends, device, repeats) -> list[dict]:
     return rows
 
 
-def markdown(rows, rate, env, shape) -> str:
+def autotuned_tiles() -> list[dict]:
+    """The configuration Triton's autotuner chose for each kernel and autotune key timed in this process."""
+    try:
+        from msa.kernels import mscmat_kernels
+    except ImportError:  # no Triton backend
+        return []
+    chosen = []
+    for name in ("mscmat_scores_fwd_kernel", "mscmat_scores_bwd_images_kernel", "mscmat_scores_bwd_words_kernel"):
+        for key, config in getattr(getattr(mscmat_kernels, name), "cache", {}).items():
+            chosen.append(
+                {
+                    "kernel": name.removeprefix("mscmat_scores_").removesuffix("_kernel"),
+                    "key": str(key),
+                    "config": str(config),
+                }
+            )
+    return chosen
+
+
+def markdown(rows, rate, env, shape, tiles=()) -> str:
     lines = [
         f"device: {env['device']}, torch {env['torch']}, triton {env['triton']}, git {env['git_sha']}",
         f"measured dense bf16 matmul rate: {rate / 1e12:.1f} TFLOP/s; op shape Ni, Nt, L, H, Dh = {shape}, bf16",
@@ -127,6 +147,9 @@ def markdown(rows, rate, env, shape) -> str:
             f"| {row['provider']} | {row['mode']} | {row['median_ms']:.2f} | {fmt(row, 'tflops', '{:.1f}')} "
             f"| {fraction} | {fmt(row, 'speedup_vs_reference', '{:.1f}x')} | {fmt(row, 'peak_extra_mib', '{:.0f}')} |"
         )
+    if tiles:
+        lines += ["", "Triton autotuner's choices:", "", "| kernel | key | config |", "|---|---|---|"]
+        lines += [f"| {tile['kernel']} | {tile['key']} | {tile['config']} |" for tile in tiles]
     return "\n".join(lines) + "\n"
 
 
@@ -150,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     tag = env["device"].replace(" ", "_")
 
     def write(rows):  # after each part, so that a run cut by a time limit keeps what it measured
-        table = markdown(rows, rate, env, shape)
+        tiles = autotuned_tiles()
+        table = markdown(rows, rate, env, shape, tiles)
         (args.out / f"bench_gpu_targets_{tag}.md").write_text(table)
-        record = {"matmul_rate_flops": rate, "shape": shape, "environment": env, "rows": rows}
+        record = {"matmul_rate_flops": rate, "shape": shape, "environment": env, "rows": rows, "autotuned": tiles}
         (args.out / f"bench_gpu_targets_{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
         return table
 
