@@ -158,13 +158,13 @@ else
     run_phase "tests (rest)" "$TEST_SECONDS" "$out/gpu_tests.log" \
       "$py" -m pytest -v -rfEs "${per_test[@]}" "${parallel[@]}" -k "not ($risky)" tests/test_ops_gpu.py
     # --- (g) ncu profile of the kernels at the target shape, when ncu can read the counters ------------------
-    # Six launches after the first three: the first H200 run's three were all forward kernels, so the backward
-    # ones come later than one forward + backward per call would place them (the profile is ~1 s of the phase;
-    # starting Python and the kernels is the rest).
+    # Only the profiled call's kernels (device_smoke.py profile brackets it with cudaProfilerStart / Stop): the
+    # first H200 run skipped a fixed count of launches and caught only the autotuner's timing of the forward.
+    # At most 6 launches (Triton: forward, then images + words kernel per block of texts, two blocks here).
     if command -v ncu >/dev/null 2>&1; then
       for backend in triton cuda; do
         run_phase "ncu $backend" "$PROFILE_SECONDS" "$out/ncu_$backend.txt" \
-          ncu --kernel-name "regex:mscmat" --launch-skip 3 --launch-count 6 --clock-control none \
+          ncu --profile-from-start off --kernel-name "regex:mscmat" --launch-count 6 --clock-control none \
           --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis \
           --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,lts__t_bytes.sum.per_second,dram__bytes.sum.per_second \
           "$py" benchmarks/device_smoke.py profile --backend "$backend"

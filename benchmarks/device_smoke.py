@@ -9,8 +9,9 @@ four gradients, relative error ||got - want|| / ||want||. The caching allocator'
 before each call (outputs come from it), so an element a kernel never writes fails. One JSON line per check is
 appended to DIR/smoke.jsonl as it finishes.
 
-profile: one autotune-free forward and backward at the benchmark's target shape (bf16, 4096 x 4096, L = 32,
-H = 12, Dh = 64), for running under ncu.
+profile: one forward and backward at the benchmark's target shape (bf16, 4096 x 4096, L = 32, H = 12, Dh = 64)
+with the first fitting tile of each kernel, after a warm-up call, between cudaProfilerStart and cudaProfilerStop:
+for `ncu --profile-from-start off`, which then sees just that call's kernels.
 
 Both modes end with the registers, spills and shared memory of every Triton kernel this process compiled, as the
 driver reports them when it loads the kernel (smoke: DIR/triton_kernels.md), to check the offline sm_90 report
@@ -147,13 +148,22 @@ def smoke(out: Path) -> int:
 
 
 def profile(backend: str) -> int:
-    os.environ["MSA_TRITON_AUTOTUNE"] = "0"  # one config: ncu then sees the kernels that run, not the tuning
+    os.environ["MSA_TRITON_AUTOTUNE"] = "0"  # one config per kernel
     q, u, k, v, mask = make_inputs(TARGET_SHAPE, torch.bfloat16, 0)
     inputs = [t.requires_grad_(True) for t in (q, u, k, v)]
-    for _ in range(2):  # the first call compiles
+
+    def forward_backward():
         scores = mscmat_scores(*inputs, backend=backend)
         torch.autograd.grad(scores, inputs, torch.ones_like(scores))
+
+    # The first call compiles and, even with one config left, lets Triton's autotuner time it (dozens of launches
+    # of each kernel); under `ncu --profile-from-start off` only the call between start and stop is profiled.
+    forward_backward()
     torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    forward_backward()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
     if backend == "triton":
         print("\n".join(triton_kernel_resources()))
     return 0
