@@ -52,7 +52,7 @@ class Spec:
     head_dim: int
     has_mask: bool
     one_chunk: bool
-    tile: tuple[int, ...]  # BLOCK_I, BLOCK_N, num_warps, num_stages (forward: and A_IN_REGISTERS)
+    tile: tuple[int, ...]  # BLOCK_I, BLOCK_N, num_warps, num_stages (forward: and A_IN_REGISTERS, WIDE)
     # The images kernel's work: dq and du (IMAGE_GRADS), the statistics for the words kernel (STORE_STATS).
     image_grads: bool = True
     store_stats: bool = True
@@ -251,6 +251,7 @@ def compile_spec(spec: Spec) -> dict:
         "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
         "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n, "BLOCK_T": block_n,
         "A_IN_REGISTERS": spec.kernel == "fwd" and bool(spec.tile[4]),
+        "WIDE": spec.kernel == "fwd" and bool(spec.tile[5]),
         "IMAGE_GRADS": spec.image_grads, "STORE_STATS": spec.store_stats,
     }  # fmt: skip
     if "GROUP_I" in fn.arg_names:
@@ -298,6 +299,13 @@ def _compile_all(specs: list[Spec], jobs: int) -> list[dict]:
         return list(pool.map(compile_spec, specs))
 
 
+def _forward_form(tile) -> str:
+    """Where the forward keeps q, u, and whether its products hold all BLOCK_T texts (empty for the backward)."""
+    if len(tile) < 6:
+        return ""
+    return ("registers" if tile[4] else "shared") + (", one product" if tile[5] else "")
+
+
 def markdown(rows: list[dict], title: str) -> str:
     lines = [
         f"# {title}",
@@ -311,7 +319,7 @@ def markdown(rows: list[dict], title: str) -> str:
         head = (
             f"| {row['kernel']} | {row['dtype']} | {row['block_l']} | {row['head_dim']} | {row['has_mask']} "
             f"| {row['one_chunk']} | {tile[0]} | {tile[1]} | {tile[2]} | {tile[3]} "
-            f"| {('registers' if tile[4] else 'shared') if len(tile) > 4 else ''} "
+            f"| {_forward_form(tile)} "
         )
         if "error" in row:
             lines.append(head + f"| FAILED: {row['error']} | | | | |")

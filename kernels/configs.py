@@ -1,8 +1,8 @@
 """Autotune configurations of the Triton kernels, and the pruning that keeps only those that fit the card.
 
-Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages, A_IN_REGISTERS), BLOCK_I images against BLOCK_T texts,
-one text (BLOCK_L words) per product; A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products'
-A operand, 0 in shared memory. Backward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_T texts per
+Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages, A_IN_REGISTERS, WIDE), BLOCK_I images against BLOCK_T
+texts, one text (BLOCK_L words) per product, or with WIDE 1 all BLOCK_T texts in one product per head;
+A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products' A operand, 0 in shared memory. Backward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_T texts per
 product in the words kernel (1 in the images kernel). The lists are in order of preference; with autotuning off
 (MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config is dropped before any compile when
 - its products would have more than MAX_BLOCK_L columns (BLOCK_T texts of a long chunk), or
@@ -42,18 +42,25 @@ Tile = tuple[int, ...]
 # With q, u in shared memory each text and head reads 40 KB of operands there per MFLOP (bf16, Dh 64, L 32), which
 # an H200 found 72% busy at 34% of the tensor rate; in registers (A_IN_REGISTERS) only k, v are read there (8 KB)
 # but the tile takes 111 registers and two blocks per SM instead of 77 and three: the autotuner measures which wins.
+# WIDE tiles cut the same reads another way: one [BLOCK_I, BLOCK_T * L] product per head reads q, u from shared
+# memory once for BLOCK_T texts (16-24 KB per text and head at 2-4 texts), with N = 64-128 per wgmma instead of 32;
+# the head loop streams q, u and k, v together (two stages), at 128 registers and two blocks per SM (two texts on
+# eight warps), 206 and one (four texts), 225 and two (four texts, 64 images on four warps).
 FWD_TILES: dict[str, list[Tile]] = {
     "low": [
-        (128, 8, 8, 3, 0),
-        (64, 4, 4, 3, 0),
-        (128, 4, 8, 3, 0),
-        (64, 2, 4, 3, 0),
-        (128, 16, 8, 3, 0),
-        (64, 8, 4, 3, 0),
-        (128, 8, 8, 3, 1),
-        (64, 4, 4, 3, 1),
+        (128, 8, 8, 3, 0, 0),
+        (64, 4, 4, 3, 0, 0),
+        (128, 4, 8, 3, 0, 0),
+        (64, 2, 4, 3, 0, 0),
+        (128, 16, 8, 3, 0, 0),
+        (64, 8, 4, 3, 0, 0),
+        (128, 8, 8, 3, 1, 0),
+        (64, 4, 4, 3, 1, 0),
+        (128, 4, 8, 2, 0, 1),
+        (128, 2, 8, 2, 0, 1),
+        (64, 4, 4, 2, 0, 1),
     ],
-    "fp32": [(32, 4, 4, 2, 0), (64, 4, 4, 2, 0), (32, 8, 4, 2, 0)],
+    "fp32": [(32, 4, 4, 2, 0, 0), (64, 4, 4, 2, 0, 0), (32, 8, 4, 2, 0, 0)],
 }
 # Backward tiles are (BLOCK_I, BLOCK_T, num_warps, num_stages). Both backward kernels chain products (a product's
 # result feeds another), for which Triton gives every warp 16 rows of the tile: BLOCK_I >= 16 x num_warps, or
@@ -77,7 +84,7 @@ AUTOTUNE_KEY = ["Ni", "Nt", "L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION",
 
 def _kwargs(tiles: dict[str, list[Tile]], tile: Tile) -> dict[str, int]:
     if tiles is FWD_TILES:
-        return {"BLOCK_I": tile[0], "BLOCK_T": tile[1], "A_IN_REGISTERS": bool(tile[4])}
+        return {"BLOCK_I": tile[0], "BLOCK_T": tile[1], "A_IN_REGISTERS": bool(tile[4]), "WIDE": bool(tile[5])}
     if tiles is BWD_WORDS_TILES:
         return {"BLOCK_I": tile[0], "BLOCK_T": tile[1]}
     return {"BLOCK_I": tile[0]}
@@ -85,21 +92,28 @@ def _kwargs(tiles: dict[str, list[Tile]], tile: Tile) -> dict[str, int]:
 
 def tile_of(config: triton.Config) -> Tile:
     tile = config.kwargs["BLOCK_I"], config.kwargs.get("BLOCK_T", 1), config.num_warps, config.num_stages
-    return (*tile, int(config.kwargs["A_IN_REGISTERS"])) if "A_IN_REGISTERS" in config.kwargs else tile
+    if "A_IN_REGISTERS" in config.kwargs:
+        return (*tile, int(config.kwargs["A_IN_REGISTERS"]), int(config.kwargs["WIDE"]))
+    return tile
+
+
+def config_of(tiles: dict[str, list[Tile]], tile: Tile) -> triton.Config:
+    return triton.Config(_kwargs(tiles, tile), num_warps=tile[2], num_stages=tile[3])
 
 
 def all_configs(tiles: dict[str, list[Tile]]) -> list[triton.Config]:
     if INTERPRET:
         # The interpreter runs every config it is given: one keeps CPU tests fast (a single one is never pruned).
         # The forward's runs with q, u as computed values, the path that differs from a plain load.
-        return [triton.Config(_kwargs(tiles, (16, 2, 4, 1, 1)), num_warps=4, num_stages=1)]
+        return [config_of(tiles, (16, 2, 4, 1, 1, 0))]
     unique = dict.fromkeys(tile for kind in tiles.values() for tile in kind)
-    return [triton.Config(_kwargs(tiles, tile), num_warps=tile[2], num_stages=tile[3]) for tile in unique]
+    return [config_of(tiles, tile) for tile in unique]
 
 
 def product_words(tile: Tile, block_l: int, role: str) -> int:
-    """Columns of the kernel's products: one text's word chunk, or BLOCK_T of them side by side (words kernel)."""
-    return tile[1] * block_l if role == "bwd_words" else block_l
+    """Columns of the kernel's products: one text's word chunk, or BLOCK_T of them side by side (the words kernel,
+    a WIDE forward tile)."""
+    return tile[1] * block_l if role == "bwd_words" or (role == "fwd" and tile[5]) else block_l
 
 
 def shared_memory_bytes(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> int:
@@ -109,6 +123,8 @@ def shared_memory_bytes(tile: Tile, block_l: int, block_d: int, element_bytes: i
     block_i, stages = tile[0], tile[3]
     words = product_words(tile, block_l, role)
     streamed, stationary = (block_i, words) if role == "bwd_words" else (words, block_i)
+    if role == "fwd" and tile[5]:  # the head loop streams both pairs
+        streamed, stationary = words + block_i, 0
     if role == "fwd" and tile[4]:
         stationary = 0
     return (2 * max(stages, 1) * streamed + 2 * stationary) * block_d * element_bytes

@@ -28,7 +28,16 @@ import triton
 import triton.language as tl
 
 from msa.kernels.configs import AUTOTUNE_KEY, BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, all_configs, pruner
-from msa.kernels.tiles import NEG_INF, chunk_rows, finalize, load_rows, mma, store_stats
+from msa.kernels.tiles import (
+    NEG_INF,
+    chunk_rows,
+    finalize,
+    load_rows,
+    mma,
+    softmax_output,
+    store_stats,
+    text_columns,
+)
 
 # Image tiles of the forward that sweep the same text tiles together (see mscmat_scores_fwd_kernel). Passed at
 # every launch: torch.compile's capture of a triton_op checks the arguments against the signature and takes no
@@ -51,18 +60,32 @@ def _text_head_out(
         v = load_rows(V_text + word_tile, valid, d_ok)
         s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
         r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-        m = tl.max(s, axis=1)
-        m_scaled = tl.where(m == NEG_INF, 0.0, m * scale_log2)
-        p = tl.exp2(s * scale_log2 - m_scaled[:, None])
-        den = tl.sum(p, axis=1)
-        num = tl.sum(p * r, axis=1)
-        return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        return softmax_output(s, r, scale_log2, 1)
     else:  # longer texts: the online softmax over word chunks
         _, _, head_out = _text_stats(
             q, u, K_text, V_text, Mask_text, word_tile, text_ok, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
             HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
         )  # fmt: skip
         return head_out
+
+
+@triton.jit
+def _texts_head_out(
+    q, u, K_texts, V_texts, word_tile, valid, d_ok, scale_log2,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """o of BLOCK_I images against BLOCK_T texts for one head ([BLOCK_I, BLOCK_T]) from one product per operand
+    pair, [BLOCK_I, Dh] x [Dh, BLOCK_T * BLOCK_L] with the texts' words side by side (see text_columns): a reshape
+    to [BLOCK_I, BLOCK_T, BLOCK_L], which Triton lowers without moving data, puts each text's words on the last
+    axis for the softmax."""
+    k = load_rows(K_texts + word_tile, valid, d_ok)
+    v = load_rows(V_texts + word_tile, valid, d_ok)
+    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
+    r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+    rows: tl.constexpr = s.shape[0]
+    s = tl.reshape(s, (rows, BLOCK_T, BLOCK_L))
+    r = tl.reshape(r, (rows, BLOCK_T, BLOCK_L))
+    return softmax_output(s, r, scale_log2, 2)
 
 
 @triton.autotune(configs=all_configs(FWD_TILES), key=AUTOTUNE_KEY, prune_configs_by=pruner(FWD_TILES, "fwd"))
@@ -73,13 +96,16 @@ def mscmat_scores_fwd_kernel(
     Ni, Nt, L, H, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, A_IN_REGISTERS: tl.constexpr, GROUP_I: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, A_IN_REGISTERS: tl.constexpr, WIDE: tl.constexpr,
+    GROUP_I: tl.constexpr,
 ):  # fmt: skip
     """Scores of BLOCK_I images x BLOCK_T texts. The image tile is stationary: per head, q_h and u_h are loaded
     once and the program's texts stream past them in the inner loop, the loop Triton software-pipelines (the k
     and v of the next text are copied while this one computes). Each product is [BLOCK_I, Dh] x [Dh, BLOCK_L]:
     one text's words, so the softmax is a row reduction of the product's own layout. A_IN_REGISTERS keeps q_h,
-    u_h in registers as the products' A operand instead of shared memory (see configs.FWD_TILES)."""
+    u_h in registers as the products' A operand instead of shared memory (see configs.FWD_TILES). WIDE (texts
+    of one chunk) puts all BLOCK_T texts in one product per head instead: the head loop is the pipelined one,
+    and q_h, u_h are read from shared memory once per BLOCK_T texts rather than once per text."""
     # Grouped launch order: GROUP_I image tiles sweep the same text tiles together, so k and v stay in L2.
     pid = tl.program_id(0).to(tl.int64)
     tiles_i = tl.cdiv(Ni, BLOCK_I)
@@ -104,6 +130,15 @@ def mscmat_scores_fwd_kernel(
     U_head = U + tile_i * BLOCK_I * stride_qi
     K_head = K
     V_head = V
+    one_product: tl.constexpr = WIDE and ONE_CHUNK
+    if one_product:
+        _, texts_valid, word_rows = text_columns(
+            Mask + first_text * stride_mt, Nt - first_text, L, stride_mt, stride_ml, stride_kt, stride_kl, HAS_MASK,
+            BLOCK_T, BLOCK_L,
+        )  # fmt: skip
+        texts_tile = word_rows[:, None] + offs_d[None, :]
+        K_head += first_text * stride_kt
+        V_head += first_text * stride_kt
 
     acc = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
     for _ in range(H):
@@ -114,14 +149,20 @@ def mscmat_scores_fwd_kernel(
             # memory. Adding +0.0 is exact (a -0.0 becomes +0.0, the same in a product).
             q += 0.0
             u += 0.0
-        for t in range(BLOCK_T):
-            text = first_text + t
-            head_out = _text_head_out(
-                q, u, K_head + text * stride_kt, V_head + text * stride_kt, Mask + text * stride_mt, word_tile,
-                text < Nt, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2, HAS_MASK, ONE_CHUNK, INPUT_PRECISION,
-                UPCAST, BLOCK_I, BLOCK_L,
+        if one_product:
+            acc += _texts_head_out(
+                q, u, K_head, V_head, texts_tile, texts_valid, d_ok, scale_log2, INPUT_PRECISION, UPCAST, BLOCK_T,
+                BLOCK_L,
             )  # fmt: skip
-            acc = tl.where(offs_t[None, :] == t, acc + head_out[:, None], acc)
+        else:
+            for t in range(BLOCK_T):
+                text = first_text + t
+                head_out = _text_head_out(
+                    q, u, K_head + text * stride_kt, V_head + text * stride_kt, Mask + text * stride_mt, word_tile,
+                    text < Nt, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2, HAS_MASK, ONE_CHUNK,
+                    INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
+                )  # fmt: skip
+                acc = tl.where(offs_t[None, :] == t, acc + head_out[:, None], acc)
         Q_head += stride_qh
         U_head += stride_qh
         K_head += stride_kh
@@ -295,20 +336,13 @@ def mscmat_scores_bwd_words_kernel(
     w0 = (pid % num_chunks) * BLOCK_L
     h = tl.program_id(1).to(tl.int64)
     rows_i = tl.arange(0, BLOCK_I)
-    cols = tl.arange(0, BLOCK_T * BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    # Per column: its text and word relative to the program's first text and chunk (int32); the 64-bit parts sit
-    # in the base pointers.
-    col_text = cols // BLOCK_L
-    col_word = cols % BLOCK_L
-    in_bounds = (first_text + col_text < Nt) & (w0 + col_word < L)
-    valid = in_bounds
-    if HAS_MASK:
-        Mask_chunk = Mask + first_text * stride_mt + w0 * stride_ml
-        word_valid = tl.load(Mask_chunk + col_text * stride_mt + col_word * stride_ml, mask=in_bounds, other=0)
-        valid = in_bounds & (word_valid != 0)
-    word_rows = col_text * stride_kt + col_word * stride_kl
+    # The 64-bit parts of the offsets sit in the base pointers; word_rows are int32.
+    in_bounds, valid, word_rows = text_columns(
+        Mask + first_text * stride_mt + w0 * stride_ml, Nt - first_text, L - w0, stride_mt, stride_ml, stride_kt,
+        stride_kl, HAS_MASK, BLOCK_T, BLOCK_L,
+    )  # fmt: skip
     word_tile = word_rows[:, None] + offs_d[None, :]
     K_chunk = K + first_text * stride_kt + w0 * stride_kl + h * stride_kh
     V_chunk = V + first_text * stride_kt + w0 * stride_kl + h * stride_kh

@@ -13,7 +13,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from msa._autograd import register_scores_autograd
-from msa.kernels.configs import INTERPRET, MAX_BLOCK_L, MIN_PRODUCT_WORDS
+from msa.kernels.configs import FWD_TILES, INTERPRET, MAX_BLOCK_L, MIN_PRODUCT_WORDS, config_of
 from msa.kernels.mscmat_kernels import (
     FWD_IMAGE_GROUP,
     mscmat_scores_bwd_images_kernel,
@@ -81,6 +81,12 @@ def _check_dtype(q: torch.Tensor) -> None:
 def _mscmat_scores_triton_op(
     q: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, word_mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
+    return _forward(q, u, k, v, word_mask, scale)
+
+
+def _forward(q, u, k, v, word_mask, scale, tile=None):
+    """The forward kernel's scores; ``tile`` (one of configs.FWD_TILES) runs that tile instead of the autotuned
+    one, as the interpreter tests do with tiles their single config does not reach."""
     _check_dtype(q)
     num_images, heads, head_dim = q.shape
     num_texts, num_words = k.shape[0], k.shape[1]
@@ -91,16 +97,19 @@ def _mscmat_scores_triton_op(
         return out.zero_()
     q, u, k, v, mask, mask_strides, has_mask = _prepared(q, u, k, v, word_mask)
     block_l, block_d = _block_sizes(num_words, head_dim)
+    kernel, tile_kwargs = mscmat_scores_fwd_kernel, {}
+    if tile is not None:  # the JIT function under the autotuner, with the tile's meta-parameters
+        kernel, tile_kwargs = mscmat_scores_fwd_kernel.fn, config_of(FWD_TILES, tile).all_kwargs()
 
     def grid(meta):
         return (triton.cdiv(num_images, meta["BLOCK_I"]) * triton.cdiv(num_texts, meta["BLOCK_T"]),)
 
-    wrap_triton(mscmat_scores_fwd_kernel)[grid](
+    wrap_triton(kernel)[grid](
         q, u, k, v, mask, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *mask_strides, out.stride(0),
         num_images, num_texts, num_words, heads, scale * LOG2_E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask, ONE_CHUNK=num_words <= block_l,
-        INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype), GROUP_I=FWD_IMAGE_GROUP,
+        INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype), GROUP_I=FWD_IMAGE_GROUP, **tile_kwargs,
     )  # fmt: skip
     return out
 

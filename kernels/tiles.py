@@ -35,6 +35,38 @@ def chunk_rows(mask_ptrs, text_ok, word_ids, L, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def text_columns(
+    Mask_chunk, texts_left, words_left, stride_mt, stride_ml, stride_kt, stride_kl,
+    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """The columns of a product holding BLOCK_T consecutive texts' chunks of BLOCK_L words side by side (column c
+    is word c % BLOCK_L of text c // BLOCK_L): (in_bounds, valid, word_rows), word_rows being each column's int32
+    offset from the first text's chunk in k and v. texts_left and words_left count from that text and word to Nt
+    and L; Mask_chunk points at the first text's chunk in the mask."""
+    cols = tl.arange(0, BLOCK_T * BLOCK_L)
+    col_text = cols // BLOCK_L
+    col_word = cols % BLOCK_L
+    in_bounds = (col_text < texts_left) & (col_word < words_left)
+    valid = in_bounds
+    if HAS_MASK:
+        word_valid = tl.load(Mask_chunk + col_text * stride_mt + col_word * stride_ml, mask=in_bounds, other=0)
+        valid = in_bounds & (word_valid != 0)
+    return in_bounds, valid, col_text * stride_kt + col_word * stride_kl
+
+
+@triton.jit
+def softmax_output(s, r, scale_log2, AXIS: tl.constexpr):
+    """o = sum p r with p the softmax of s (raw logits, masked words at -inf) along AXIS: the words of one text.
+    0 for a text without a valid word."""
+    m = tl.max(s, axis=AXIS)
+    m_scaled = tl.where(m == NEG_INF, 0.0, m * scale_log2)
+    p = tl.exp2(s * scale_log2 - tl.expand_dims(m_scaled, AXIS))
+    den = tl.sum(p, axis=AXIS)
+    num = tl.sum(p * r, axis=AXIS)
+    return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit
 def load_rows(ptrs, valid, d_ok):
     """A [BLOCK_L, BLOCK_D] tile of word rows: zeros for masked words, past the text's words and past Dh. Masked
     words are never read, so whatever they hold (NaN, inf) cannot reach a score or a gradient."""

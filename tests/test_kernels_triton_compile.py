@@ -112,7 +112,7 @@ def _compile_one(spec: str) -> dict:
 def test_forward_register_operand_tile_uses_the_register_a_form():
     """A_IN_REGISTERS (an autotune candidate) must reach wgmma's register-A form, or it is the shared-memory tile
     with more registers."""
-    row = _compile_one("Spec('fwd', 'bf16', 32, 64, False, True, (128, 8, 8, 3, 1))")
+    row = _compile_one("Spec('fwd', 'bf16', 32, 64, False, True, (128, 8, 8, 3, 1, 0))")
     assert row["mma"] == "wgmma, A in registers" and row["spill_stores"] == 0, row
 
 

@@ -105,6 +105,27 @@ def test_forward_and_gradients_match_reference(triton_module, ni, nt, length, he
 
 
 @in_interpreter
+@pytest.mark.parametrize(
+    "tile,length,mask_kind",
+    [((16, 2, 4, 1, 0, 1), 7, "masked-texts"), ((16, 4, 4, 1, 1, 1), 30, "random"), ((32, 8, 4, 1, 0, 1), 9, None),
+     ((16, 2, 4, 1, 0, 1), 130, "random")],
+)  # fmt: skip
+def test_forward_with_every_text_of_a_program_in_one_product(triton_module, tile, length, mask_kind):
+    """WIDE forward tiles (an autotune candidate the interpreter's single config does not run): all BLOCK_T texts
+    in one product per head, q, u in shared memory or registers, Nt = 7 off the text tile, texts without words;
+    texts longer than one chunk fall back to one text per product."""
+    ni, nt, heads, head_dim = 19, 7, 2, 16
+    q, u, k, v, mask = (t.detach() if t is not None else t for t in make_inputs(ni, nt, length, heads, head_dim,
+                                                                                mask_kind))  # fmt: skip
+    scale = 0.6 * head_dim**-0.5
+    scores = triton_module._forward(q, u, k, v, mask, scale, tile=tile)
+    expected = mscmat_scores_ref(*(t.double() for t in (q, u, k, v)), mask, scale)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-4)
+    if mask_kind == "masked-texts":
+        assert torch.all(scores[:, ::3] == 0)
+
+
+@in_interpreter
 @pytest.mark.parametrize("length", [9, 130])
 def test_backward_with_every_text_in_one_split(triton_module, monkeypatch, length):
     """At these sizes the dq/du kernel gives each text its own split; with BACKWARD_PROGRAMS 1 there is one split,
