@@ -310,7 +310,7 @@ def markdown(rows: list[dict], title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        "| kernel | dtype | L block | Dh | mask | one chunk | BLOCK_I | BLOCK_T (fwd) / BLOCK_N | warps | stages "
+        "| kernel | dtype | L block | Dh | mask | one chunk | BLOCK_I | BLOCK_T | warps | stages "
         "| q, u (fwd) | registers | spill st/ld B | shared KB | CTAs/SM | mma |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -2,9 +2,10 @@
 
 Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages, A_IN_REGISTERS, WIDE), BLOCK_I images against BLOCK_T
 texts, one text (BLOCK_L words) per product, or with WIDE 1 all BLOCK_T texts in one product per head;
-A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products' A operand, 0 in shared memory. Backward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_T texts per
-product in the words kernel (1 in the images kernel). The lists are in order of preference; with autotuning off
-(MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config is dropped before any compile when
+A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products' A operand, 0 in shared memory.
+Backward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_T texts per product. The lists are in order of
+preference; with autotuning off (MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config
+is dropped before any compile when
 - its products would have more than MAX_BLOCK_L columns (BLOCK_T texts of a long chunk), or
 - its pipelined stages exceed the shared memory of an sm_90 block (SHARED_MEMORY_BUDGET), or
 - its float32 register tiles exceed REGISTER_TILE_BUDGET values per thread (beyond that ptxas spills).
@@ -65,13 +66,14 @@ FWD_TILES: dict[str, list[Tile]] = {
 # Backward tiles are (BLOCK_I, BLOCK_T, num_warps, num_stages). Both backward kernels chain products (a product's
 # result feeds another), for which Triton gives every warp 16 rows of the tile: BLOCK_I >= 16 x num_warps, or
 # the warps compute the same rows (kernel_report flags it; the words kernel's former default, 64 images on eight
-# warps, did so). The images kernel's products are one text's word chunk (BLOCK_T 1). The words kernel lays
-# BLOCK_T texts' chunks side by side as its products' columns (at most MAX_BLOCK_L), so each q, u tile it streams
-# from L2 serves BLOCK_T texts. At Dh = 64, L = 32 (sm_90 compile report, Triton 3.8): 64 images on four warps
-# take 118 registers (three blocks per SM), 128 on eight 106 (two), two texts on 64 / 4 take 216 (two) and on
-# 128 / 8 186 (one); the autotuner measures which wins.
+# warps, did so). Both lay BLOCK_T texts' chunks side by side as their products' columns (at most MAX_BLOCK_L):
+# the images kernel then reads q, u from shared memory once per BLOCK_T texts, the words kernel streams each q, u
+# tile from L2 once for BLOCK_T texts. At Dh = 64, L = 32 (sm_90 compile report, Triton 3.8): images kernel, 64
+# images on four warps 154 registers (three blocks per SM), two texts 218 (two); words kernel 118 (three), 128
+# images on eight warps 106 (two), two texts on 64 / 4 216 (two), on 128 / 8 186 (one). The autotuner measures
+# which wins.
 BWD_IMAGES_TILES: dict[str, list[Tile]] = {
-    "low": [(64, 1, 4, 3), (128, 1, 8, 3), (64, 1, 4, 2), (32, 1, 4, 3)],
+    "low": [(64, 1, 4, 3), (128, 1, 8, 3), (64, 1, 4, 2), (64, 2, 4, 2), (32, 1, 4, 3)],
     "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
 }
 BWD_WORDS_TILES: dict[str, list[Tile]] = {
@@ -85,9 +87,7 @@ AUTOTUNE_KEY = ["Ni", "Nt", "L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION",
 def _kwargs(tiles: dict[str, list[Tile]], tile: Tile) -> dict[str, int]:
     if tiles is FWD_TILES:
         return {"BLOCK_I": tile[0], "BLOCK_T": tile[1], "A_IN_REGISTERS": bool(tile[4]), "WIDE": bool(tile[5])}
-    if tiles is BWD_WORDS_TILES:
-        return {"BLOCK_I": tile[0], "BLOCK_T": tile[1]}
-    return {"BLOCK_I": tile[0]}
+    return {"BLOCK_I": tile[0], "BLOCK_T": tile[1]}
 
 
 def tile_of(config: triton.Config) -> Tile:
@@ -111,9 +111,9 @@ def all_configs(tiles: dict[str, list[Tile]]) -> list[triton.Config]:
 
 
 def product_words(tile: Tile, block_l: int, role: str) -> int:
-    """Columns of the kernel's products: one text's word chunk, or BLOCK_T of them side by side (the words kernel,
-    a WIDE forward tile)."""
-    return tile[1] * block_l if role == "bwd_words" or (role == "fwd" and tile[5]) else block_l
+    """Columns of the kernel's products: BLOCK_T texts' word chunks side by side (backward kernels, a WIDE forward
+    tile), or one text's."""
+    return block_l if role == "fwd" and not tile[5] else tile[1] * block_l
 
 
 def shared_memory_bytes(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> int:

@@ -202,11 +202,12 @@ def _text_stats(
 
 
 @triton.jit
-def _product_grads(e, r, inv_den, head_out, g, scale):
-    """dS = g p (r - o) scale and dR = g p of one [BLOCK_I, BLOCK_L] product, from the shifted exponentials e
-    (p = e / den): the forward's exponentials serve the gradients too, one exponential pass per product."""
-    gp = e * (g * inv_den)[:, None]
-    return gp * (r - head_out[:, None]) * scale, gp
+def _product_grads(e, r, inv_den, head_out, g, scale, AXIS: tl.constexpr):
+    """dS = g p (r - o) scale and dR = g p of one product, from the shifted exponentials e (p = e / den; a text's
+    words along AXIS, one statistic per image and text in inv_den, head_out, g): the forward's exponentials serve
+    the gradients too, one exponential pass per product."""
+    gp = e * tl.expand_dims(g * inv_den, AXIS)
+    return gp * (r - tl.expand_dims(head_out, AXIS)) * scale, gp
 
 
 @triton.autotune(
@@ -220,11 +221,12 @@ def mscmat_scores_bwd_images_kernel(
     Ni, Nt, L, H, scale, scale_log2, texts_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    IMAGE_GRADS: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_I: tl.constexpr,
+    IMAGE_GRADS: tl.constexpr, STORE_STATS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """dq = dS K and du = dR V of one image tile and one head: q, u stay, the texts stream past them one per step
-    (the pipelined loop). GradT is the incoming gradient transposed, [Nt, Ni], so that a text's column of it is
-    one contiguous load; dq, du have q's contiguous [Ni, H, Dh] layout. Grid: image tiles x heads x text splits;
+    """dq = dS K and du = dR V of one image tile and one head: q, u stay, the texts stream past them, BLOCK_T per
+    step side by side in one product (texts of one chunk; longer ones one per step), in the pipelined loop. GradT
+    is the incoming gradient transposed, [Nt, Ni], so that a text's column of it is one contiguous load; dq, du
+    have q's contiguous [Ni, H, Dh] layout. Grid: image tiles x heads x text splits;
     with several splits each program sums texts_per_split texts into its own float32 slice of DQ, DU
     ([splits, Ni, H, Dh], stride_split apart), which the caller adds up: at training sizes (Ni = 128) the image
     tiles and heads alone make too few programs for the SMs.
@@ -245,6 +247,7 @@ def mscmat_scores_bwd_images_kernel(
     image_base = tile_i * BLOCK_I * stride_qi + h * stride_qh
     q = tl.load(Q + image_base + image_tile, mask=image_ok, other=0.0)
     u = tl.load(U + image_base + image_tile, mask=image_ok, other=0.0)
+    last_text = tl.minimum(first_text + texts_per_split, Nt)
     G_text = GradT + first_text * stride_gt + tile_i * BLOCK_I
     S_text = Stats + h * stride_sh + first_text * stride_st + tile_i * BLOCK_I
     K_text = K + first_text * stride_kt + h * stride_kh
@@ -252,25 +255,46 @@ def mscmat_scores_bwd_images_kernel(
     Mask_text = Mask + first_text * stride_mt
     dq = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
     du = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-    for _ in range(first_text, tl.minimum(first_text + texts_per_split, Nt)):
-        if ONE_CHUNK:
-            in_bounds, valid = chunk_rows(Mask_text + offs_l * stride_ml, True, offs_l, L, HAS_MASK)
-            k = load_rows(K_text + word_tile, valid, d_ok)
-            v = load_rows(V_text + word_tile, valid, d_ok)
+    if ONE_CHUNK:
+        # BLOCK_T texts per step, side by side in one product (see text_columns); [BLOCK_I, BLOCK_T] statistics.
+        offs_t = tl.arange(0, BLOCK_T)
+        stats_tile = rows_i[:, None] + (offs_t * stride_st)[None, :]
+        grad_tile = rows_i[:, None] + (offs_t * stride_gt)[None, :]
+        for text in range(first_text, last_text, BLOCK_T):
+            _, valid, word_rows = text_columns(
+                Mask_text, last_text - text, L, stride_mt, stride_ml, stride_kt, stride_kl, HAS_MASK, BLOCK_T,
+                BLOCK_L,
+            )  # fmt: skip
+            texts_tile = word_rows[:, None] + offs_d[None, :]
+            k = load_rows(K_text + texts_tile, valid, d_ok)
+            v = load_rows(V_text + texts_tile, valid, d_ok)
             s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
             r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-            m = tl.max(s, axis=1)
-            e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, None])
-            m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=1), tl.sum(e * r, axis=1), scale_log2)
+            s = tl.reshape(s, (BLOCK_I, BLOCK_T, BLOCK_L))
+            r = tl.reshape(r, (BLOCK_I, BLOCK_T, BLOCK_L))
+            m = tl.max(s, axis=2)
+            e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, :, None])
+            m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=2), tl.sum(e * r, axis=2), scale_log2)
+            # Texts past the split belong to another program: their statistics must not be stored from here.
+            texts_ok = rows_ok[:, None] & (offs_t < last_text - text)[None, :]
             if IMAGE_GRADS:
-                g = tl.load(G_text + rows_i, mask=rows_ok, other=0.0).to(tl.float32)
-                ds, dr = _product_grads(e, r, inv_den, head_out, g, scale)
+                g = tl.load(G_text + grad_tile, mask=texts_ok, other=0.0).to(tl.float32)
+                ds, dr = _product_grads(e, r, inv_den, head_out, g, scale, 2)
+                ds = tl.reshape(ds, (BLOCK_I, BLOCK_T * BLOCK_L))
+                dr = tl.reshape(dr, (BLOCK_I, BLOCK_T * BLOCK_L))
                 dq = mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
                 du = mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
             if STORE_STATS:
-                store_stats(S_text + rows_i, stride_sp, m_scaled, inv_den, head_out, rows_ok)
-        else:
-            # Long texts: a first pass over the word chunks for the softmax statistics, a second for the grads.
+                store_stats(S_text + stats_tile, stride_sp, m_scaled, inv_den, head_out, texts_ok)
+            G_text += BLOCK_T * stride_gt
+            S_text += BLOCK_T * stride_st
+            K_text += BLOCK_T * stride_kt
+            V_text += BLOCK_T * stride_kt
+            Mask_text += BLOCK_T * stride_mt
+    else:
+        # Long texts, one per step: a first pass over the word chunks for the softmax statistics, a second for the
+        # grads.
+        for _ in range(first_text, last_text):
             m_scaled, inv_den, head_out = _text_stats(
                 q, u, K_text, V_text, Mask_text, word_tile, True, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
                 HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
@@ -287,14 +311,14 @@ def mscmat_scores_bwd_images_kernel(
                     s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
                     r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
                     e = tl.exp2(s * scale_log2 - m_scaled[:, None])
-                    ds, dr = _product_grads(e, r, inv_den, head_out, g, scale)
+                    ds, dr = _product_grads(e, r, inv_den, head_out, g, scale, 1)
                     dq = mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
                     du = mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
-        G_text += stride_gt
-        S_text += stride_st
-        K_text += stride_kt
-        V_text += stride_kt
-        Mask_text += stride_mt
+            G_text += stride_gt
+            S_text += stride_st
+            K_text += stride_kt
+            V_text += stride_kt
+            Mask_text += stride_mt
     if IMAGE_GRADS:
         out_base = split * stride_split + image_base
         tl.store(DQ + out_base + image_tile, dq.to(DQ.dtype.element_ty), mask=image_ok)
