@@ -5,10 +5,11 @@
     r[i,j,h,l]  = <u[i,h], v[j,l,h]>
 
 Every product is [BLOCK_I images, Dh] x [Dh, BLOCK_L words of one text] on tensor cores, so the masked softmax
-over a text's words is a row reduction in the product's own register layout: no reshape and no layout change
-through shared memory (laying several texts side by side in one product needed both, and spilled). L is padded
-to a power of two 16 <= BLOCK_L <= 128; longer texts are walked in chunks of 128 words with an online softmax
-(ONE_CHUNK is False). The stationary operand of each kernel is loaded once per program; the streamed one is
+over a text's words is a row reduction in the product's own register layout, or holds BLOCK_T texts side by side
+([Dh, BLOCK_T * BLOCK_L], see tiles.text_columns): a reshape to [BLOCK_I, BLOCK_T, BLOCK_L] then puts each text's
+words on the last axis, which Triton's linear layouts do without moving data. L is padded to a power of two
+16 <= BLOCK_L <= 128; longer texts are walked in chunks of 128 words with an online softmax (ONE_CHUNK is False),
+one text per product. The stationary operand of each kernel is loaded once per program; the streamed one is
 loaded in the innermost loop, which Triton software-pipelines (the next text's k and v are copied while this
 one computes). Scalar base pointers advance once per step; the 2-D offsets inside a tile are int32 and
 loop-invariant.
