@@ -175,6 +175,21 @@ def mscmat_scores_fwd_kernel(
 
 
 @triton.jit
+def _chunk_products(
+    q, u, K_text, V_text, Mask_text, w0, word_tile, text_ok, offs_l, d_ok, stride_kl, stride_ml, L,
+    HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """k and v of the BLOCK_L words of a long text from word w0 on (zeros at masked words), and the logits (-inf
+    there) and readouts of BLOCK_I images against them."""
+    words = w0 + offs_l
+    _, valid = chunk_rows(Mask_text + words * stride_ml, text_ok, words, L, HAS_MASK)
+    k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
+    v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
+    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
+    return k, v, s, mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+
+
+@triton.jit
 def _text_stats(
     q, u, K_text, V_text, Mask_text, word_tile, text_ok, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
     HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -186,12 +201,10 @@ def _text_stats(
     den = tl.zeros((BLOCK_I,), dtype=tl.float32)
     num = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for w0 in range(0, L, BLOCK_L):
-        words = w0 + offs_l
-        in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, text_ok, words, L, HAS_MASK)
-        k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
-        v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
-        s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-        r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+        _, _, s, r = _chunk_products(
+            q, u, K_text, V_text, Mask_text, w0, word_tile, text_ok, offs_l, d_ok, stride_kl, stride_ml, L, HAS_MASK,
+            INPUT_PRECISION, UPCAST,
+        )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_scaled = tl.where(m_new == NEG_INF, 0.0, m_new * scale_log2)
         alpha = tl.exp2(m * scale_log2 - m_scaled)
@@ -305,12 +318,10 @@ def mscmat_scores_bwd_images_kernel(
             if IMAGE_GRADS:
                 g = tl.load(G_text + rows_i, mask=rows_ok, other=0.0).to(tl.float32)
                 for w0 in range(0, L, BLOCK_L):
-                    words = w0 + offs_l
-                    in_bounds, valid = chunk_rows(Mask_text + words * stride_ml, True, words, L, HAS_MASK)
-                    k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
-                    v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
-                    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-                    r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+                    k, v, s, r = _chunk_products(
+                        q, u, K_text, V_text, Mask_text, w0, word_tile, True, offs_l, d_ok, stride_kl, stride_ml, L,
+                        HAS_MASK, INPUT_PRECISION, UPCAST,
+                    )  # fmt: skip
                     e = tl.exp2(s * scale_log2 - m_scaled[:, None])
                     ds, dr = _product_grads(e, r, inv_den, head_out, g, scale, 1)
                     dq = mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
