@@ -157,6 +157,15 @@ def test_backward_in_text_blocks_when_statistics_exceed_the_budget(triton_module
     for name, got, same, want in zip("qukv", blocks, one_block, expected):
         torch.testing.assert_close(got, same, rtol=1e-6, atol=1e-6, msg=f"d{name}")
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d{name}")
+    # A frozen image side: the images kernel computes only the statistics, block by block.
+    detached = [t.detach() for t in (q, u, k, v)]
+    words_only = torch.ops.msa.mscmat_scores_triton_backward(
+        grad_scores, *detached, mask, ni**-0.5, [False] * 2 + [True] * 2
+    )
+    expected = grads_of(mscmat_scores_ref(q, u, k, v, mask, ni**-0.5), (k, v), grad_scores)
+    assert words_only[0].numel() == 0 and words_only[1].numel() == 0
+    for name, got, want in zip("kv", words_only[2:], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d{name}")
 
 
 @in_interpreter
