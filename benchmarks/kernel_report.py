@@ -151,6 +151,7 @@ def _launch_integers(spec: Spec) -> dict[str, int]:
         "stride_mt": words if spec.has_mask else 0, "stride_ml": 1 if spec.has_mask else 0,
         "stride_oi": BENCHMARK_TEXTS, "stride_gt": BENCHMARK_IMAGES,
         "stride_split": BENCHMARK_IMAGES * heads * head_dim, "texts_per_split": BENCHMARK_TEXTS,
+        "heads_per_split": heads,
         "stride_sp": heads * BENCHMARK_TEXTS * BENCHMARK_IMAGES, "stride_sh": BENCHMARK_TEXTS * BENCHMARK_IMAGES,
         "stride_st": BENCHMARK_IMAGES,
         "Ni": BENCHMARK_IMAGES, "Nt": BENCHMARK_TEXTS, "L": words, "H": heads,

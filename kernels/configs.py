@@ -42,11 +42,13 @@ Tile = tuple[int, ...]
 # keep the grid full at training sizes (Ni = Nt = 128); more amortise the q, u loads.
 # With q, u in shared memory each text and head reads 40 KB of operands there per MFLOP (bf16, Dh 64, L 32), which
 # an H200 found 72% busy at 34% of the tensor rate; in registers (A_IN_REGISTERS) only k, v are read there (8 KB)
-# but the tile takes 111 registers and two blocks per SM instead of 77 and three: the autotuner measures which wins.
+# but the tile takes 96-118 registers and two blocks per SM instead of 75-77 and three (Triton 3.8 / 3.6): the
+# autotuner measures which wins.
 # WIDE tiles cut the same reads another way: one [BLOCK_I, BLOCK_T * L] product per head reads q, u from shared
 # memory once for BLOCK_T texts (16-24 KB per text and head at 2-4 texts), with N = 64-128 per wgmma instead of 32;
-# the head loop streams q, u and k, v together (two stages), at 128 registers and two blocks per SM (two texts on
-# eight warps), 206 and one (four texts), 225 and two (four texts, 64 images on four warps).
+# the head loop streams q, u and k, v together (two stages), at 124-136 registers and two or one blocks per SM
+# (two texts on eight warps; Triton 3.8 / 3.6), 216-224 and one (four texts), 240-242 and two (four texts, 64
+# images on four warps).
 FWD_TILES: dict[str, list[Tile]] = {
     "low": [
         (128, 8, 8, 3, 0, 0),

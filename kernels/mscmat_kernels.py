@@ -93,8 +93,8 @@ def _texts_head_out(
 @triton.jit
 def mscmat_scores_fwd_kernel(
     Q, U, K, V, Mask, Out,
-    stride_qi, stride_qh, stride_kt, stride_kl, stride_kh, stride_mt, stride_ml, stride_oi,
-    Ni, Nt, L, H, scale_log2,
+    stride_qi, stride_qh, stride_kt, stride_kl, stride_kh, stride_mt, stride_ml, stride_oi, stride_split,
+    Ni, Nt, L, H, scale_log2, heads_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, A_IN_REGISTERS: tl.constexpr, WIDE: tl.constexpr,
@@ -106,7 +106,10 @@ def mscmat_scores_fwd_kernel(
     one text's words, so the softmax is a row reduction of the product's own layout. A_IN_REGISTERS keeps q_h,
     u_h in registers as the products' A operand instead of shared memory (see configs.FWD_TILES). WIDE (texts
     of one chunk) puts all BLOCK_T texts in one product per head instead: the head loop is the pipelined one,
-    and q_h, u_h are read from shared memory once per BLOCK_T texts rather than once per text."""
+    and q_h, u_h are read from shared memory once per BLOCK_T texts rather than once per text.
+    Grid: tiles x head splits. With several splits (small problems: image and text tiles alone make too few
+    programs for the SMs) each program sums heads_per_split heads into its own float32 slice of Out (stride_split
+    apart), which the caller adds up."""
     # Grouped launch order: GROUP_I image tiles sweep the same text tiles together, so k and v stay in L2.
     pid = tl.program_id(0).to(tl.int64)
     tiles_i = tl.cdiv(Ni, BLOCK_I)
@@ -127,10 +130,11 @@ def mscmat_scores_fwd_kernel(
     image_ok = (tile_i * BLOCK_I + rows_i < Ni)[:, None] & d_ok[None, :]
     image_tile = rows_i[:, None] * stride_qi + offs_d[None, :]
     word_tile = offs_l[:, None] * stride_kl + offs_d[None, :]
-    Q_head = Q + tile_i * BLOCK_I * stride_qi
-    U_head = U + tile_i * BLOCK_I * stride_qi
-    K_head = K
-    V_head = V
+    first_head = tl.program_id(1).to(tl.int64) * heads_per_split
+    Q_head = Q + tile_i * BLOCK_I * stride_qi + first_head * stride_qh
+    U_head = U + tile_i * BLOCK_I * stride_qi + first_head * stride_qh
+    K_head = K + first_head * stride_kh
+    V_head = V + first_head * stride_kh
     one_product: tl.constexpr = WIDE and ONE_CHUNK
     if one_product:
         _, texts_valid, word_rows = text_columns(
@@ -142,7 +146,7 @@ def mscmat_scores_fwd_kernel(
         V_head += first_text * stride_kt
 
     acc = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
-    for _ in range(H):
+    for _ in range(first_head, tl.minimum(first_head + heads_per_split, H)):
         q = tl.load(Q_head + image_tile, mask=image_ok, other=0.0)
         u = tl.load(U_head + image_tile, mask=image_ok, other=0.0)
         if A_IN_REGISTERS:
@@ -171,7 +175,8 @@ def mscmat_scores_fwd_kernel(
     offs_i = tile_i * BLOCK_I + rows_i
     text_ids = first_text + offs_t
     out_ok = (offs_i < Ni)[:, None] & (text_ids < Nt)[None, :]
-    tl.store(Out + offs_i[:, None] * stride_oi + text_ids[None, :], acc.to(Out.dtype.element_ty), mask=out_ok)
+    Out_split = Out + tl.program_id(1).to(tl.int64) * stride_split
+    tl.store(Out_split + offs_i[:, None] * stride_oi + text_ids[None, :], acc.to(Out.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit

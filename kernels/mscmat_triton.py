@@ -23,9 +23,11 @@ from msa.kernels.mscmat_kernels import (
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2_E = math.log2(math.e)
-# Programs the dq/du kernel should have at least (two per SM of a 132-SM H100), counted with 64-image tiles.
-BACKWARD_PROGRAMS = 264
+# Programs the forward and the dq/du kernel should have at least (two per SM of a 132-SM H100), counted with tiles
+# of 64 images (and 4 texts, the forward).
+MIN_PROGRAMS = 264
 IMAGES_PER_SPLIT_ESTIMATE = 64
+TEXTS_PER_SPLIT_ESTIMATE = 4
 # The words kernel reads the softmax statistics of every (image, text, head) from the images kernel, 8 bytes
 # each; beyond this many bytes the backward walks the texts in blocks (1 GiB: Ni = Nt = 4096 at H = 12 is 1.6).
 STATS_BYTES_BUDGET = 1 << 30
@@ -39,13 +41,25 @@ def _block_sizes(num_words: int, head_dim: int) -> tuple[int, int]:
     return block_l, block_d
 
 
+def _splits(programs: int, items: int) -> tuple[int, int]:
+    """(splits, items per split) of a loop over ``items`` so that ``programs`` per split reach MIN_PROGRAMS (two per
+    SM of an H100); one split (no workspace) when they already do."""
+    splits = max(1, min(items, triton.cdiv(MIN_PROGRAMS, programs)))
+    per_split = triton.cdiv(items, splits)
+    return triton.cdiv(items, per_split), per_split
+
+
 def _text_splits(num_images: int, num_texts: int, heads: int) -> tuple[int, int]:
-    """(splits, texts per split) of the dq/du kernel's text loop: enough programs for BACKWARD_PROGRAMS (two per
-    SM of an H100) when image tiles x heads fall short, as at training sizes; one split (no workspace) otherwise."""
-    programs = triton.cdiv(num_images, IMAGES_PER_SPLIT_ESTIMATE) * heads
-    splits = max(1, min(num_texts, triton.cdiv(BACKWARD_PROGRAMS, programs)))
-    texts_per_split = triton.cdiv(num_texts, splits)
-    return triton.cdiv(num_texts, texts_per_split), texts_per_split
+    """(splits, texts per split) of the dq/du kernel's text loop: image tiles x heads fall short of MIN_PROGRAMS at
+    training sizes."""
+    return _splits(triton.cdiv(num_images, IMAGES_PER_SPLIT_ESTIMATE) * heads, num_texts)
+
+
+def _head_splits(num_images: int, num_texts: int, heads: int) -> tuple[int, int]:
+    """(splits, heads per split) of the forward's head loop: image x text tiles fall short of MIN_PROGRAMS at
+    training sizes (Ni = Nt = 128)."""
+    tiles = triton.cdiv(num_images, IMAGES_PER_SPLIT_ESTIMATE) * triton.cdiv(num_texts, TEXTS_PER_SPLIT_ESTIMATE)
+    return _splits(tiles, heads)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -100,17 +114,21 @@ def _forward(q, u, k, v, word_mask, scale, tile=None):
     kernel, tile_kwargs = mscmat_scores_fwd_kernel, {}
     if tile is not None:  # the JIT function under the autotuner, with the tile's meta-parameters
         kernel, tile_kwargs = mscmat_scores_fwd_kernel.fn, config_of(FWD_TILES, tile).all_kwargs()
+    splits, heads_per_split = _head_splits(num_images, num_texts, heads)
+    parts = out if splits == 1 else q.new_empty((splits, num_images, num_texts), dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(num_images, meta["BLOCK_I"]) * triton.cdiv(num_texts, meta["BLOCK_T"]),)
+        return (triton.cdiv(num_images, meta["BLOCK_I"]) * triton.cdiv(num_texts, meta["BLOCK_T"]), splits)
 
     wrap_triton(kernel)[grid](
-        q, u, k, v, mask, out,
+        q, u, k, v, mask, parts,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *mask_strides, out.stride(0),
-        num_images, num_texts, num_words, heads, scale * LOG2_E,
+        num_images * num_texts, num_images, num_texts, num_words, heads, scale * LOG2_E, heads_per_split,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask, ONE_CHUNK=num_words <= block_l,
         INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype), GROUP_I=FWD_IMAGE_GROUP, **tile_kwargs,
     )  # fmt: skip
+    if splits > 1:
+        out.copy_(parts.sum(0))
     return out
 
 

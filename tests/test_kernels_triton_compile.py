@@ -65,11 +65,11 @@ def test_default_bf16_tiles_do_not_spill_at_head_dim_64(default_rows):
 
 def test_dq_kernel_splits_texts_when_image_tiles_and_heads_are_too_few():
     pytest.importorskip("triton")
-    from msa.kernels.mscmat_triton import BACKWARD_PROGRAMS, _text_splits
+    from msa.kernels.mscmat_triton import MIN_PROGRAMS, _text_splits
 
     # Training sizes: 2 image tiles x 12 heads would be 24 programs on 132 SMs.
     splits, per_split = _text_splits(128, 128, 12)
-    assert 2 * 12 * splits >= BACKWARD_PROGRAMS and splits * per_split >= 128 > (splits - 1) * per_split
+    assert 2 * 12 * splits >= MIN_PROGRAMS and splits * per_split >= 128 > (splits - 1) * per_split
     # The benchmark's sizes already fill the card: no workspace.
     assert _text_splits(4096, 4096, 12) == (1, 4096)
     # Never more splits than texts.

@@ -127,16 +127,21 @@ def test_forward_with_every_text_of_a_program_in_one_product(triton_module, tile
 
 @in_interpreter
 @pytest.mark.parametrize("length", [9, 130])
-def test_backward_with_every_text_in_one_split(triton_module, monkeypatch, length):
-    """At these sizes the dq/du kernel gives each text its own split; with BACKWARD_PROGRAMS 1 there is one split,
-    so each program walks all texts (as at large sizes on a GPU) and writes dq, du without a workspace."""
-    monkeypatch.setattr(triton_module, "BACKWARD_PROGRAMS", 1)
-    assert triton_module._text_splits(5, 7, 2) == (1, 7)
+def test_one_split_of_heads_and_texts(triton_module, monkeypatch, length):
+    """At these sizes the forward splits its heads and the dq/du kernel its texts across programs (partial sums the
+    caller adds up); with MIN_PROGRAMS 1 there is one split of each, so each program walks all heads or texts (as
+    at large sizes on a GPU) and writes the scores and dq, du without a workspace."""
+    assert triton_module._head_splits(5, 7, 2) == (2, 1) and triton_module._text_splits(5, 7, 2) == (7, 1)
+    monkeypatch.setattr(triton_module, "MIN_PROGRAMS", 1)
+    assert triton_module._head_splits(5, 7, 2) == (1, 2) and triton_module._text_splits(5, 7, 2) == (1, 7)
     q, u, k, v, mask = make_inputs(5, 7, length, 2, 16, "masked-texts")
     grad_scores = torch.randn(5, 7, generator=torch.Generator().manual_seed(6))
-    grads = grads_of(triton_module.mscmat_scores_triton(q, u, k, v, mask), (q, u, k, v), grad_scores)
-    expected = grads_of(mscmat_scores_ref(q, u, k, v, mask), (q, u, k, v), grad_scores)
-    for name, got, want in zip("qukv", grads, expected):
+    scores = triton_module.mscmat_scores_triton(q, u, k, v, mask)
+    expected = mscmat_scores_ref(q, u, k, v, mask)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    grads = grads_of(scores, (q, u, k, v), grad_scores)
+    expected_grads = grads_of(expected, (q, u, k, v), grad_scores)
+    for name, got, want in zip("qukv", grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"d{name}")
 
 
