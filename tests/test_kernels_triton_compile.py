@@ -122,3 +122,41 @@ def test_report_flags_rows_computed_by_several_warps():
     default tiles above proves nothing)."""
     assert _compile_one("Spec('bwd_words', 'bf16', 32, 64, False, True, (64, 1, 8, 3))")["replicated"]
     assert not _compile_one("Spec('bwd_words', 'bf16', 32, 64, False, True, (128, 1, 8, 3))")["replicated"]
+
+
+def test_host_code_traces_with_fake_tensors():
+    """torch.compile's first step runs the op's host code on fake tensors and records each kernel launch; no GPU
+    needed. The forward and backward must trace, with and without their splits and text blocks."""
+    pytest.importorskip("triton")
+    code = """
+import sys
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from conftest import make_op_inputs
+from msa.kernels import mscmat_triton as mt
+
+q, u, k, v, mask = make_op_inputs(5, 7, 9, 2, 16, mask_kind="masked-texts", dtype=torch.bfloat16, seed=0)
+grad = torch.randn(5, 7, dtype=torch.bfloat16)
+
+def forward(q, u, k, v, mask):
+    return mt._forward(q, u, k, v, mask, 0.25)
+
+def backward(grad, q, u, k, v, mask):
+    grads = tuple(torch.empty_like(t) for t in (q, u, k, v))
+    return mt._triton_backward(grad, q, u, k, v, mask, 0.25, grads, True, True)
+
+counts = []
+for min_programs, budget in ((mt.MIN_PROGRAMS, mt.STATS_BYTES_BUDGET), (1, 2 * 8 * 5 * 2)):
+    mt.MIN_PROGRAMS, mt.STATS_BYTES_BUDGET = min_programs, budget
+    for fn, args in ((forward, (q, u, k, v, mask)), (backward, (grad, q, u, k, v, mask))):
+        graph = make_fx(fn, tracing_mode="fake")(*args).code
+        counts.append(graph.count("triton_kernel_wrapper_mutation("))
+print(counts)
+"""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO / "tests", capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    # One forward launch; images + words kernel per block of texts (one block, then four of two texts).
+    assert run.stdout.strip().splitlines()[-1] == "[1, 2, 1, 8]"
