@@ -20,7 +20,9 @@
 
 namespace {
 
+using msa::from_float;  // the kernels' own conversions between T and float
 using msa::Shape;
+using msa::to_float;
 
 struct Case {
   const char* dtype;
@@ -31,28 +33,6 @@ struct Case {
   bool nan = false;          // one element of q is NaN: its image's scores and gradients must be NaN
   bool poison = false;       // k, v hold NaN and inf at masked words: nothing may change (the reference sees zeros)
 };
-
-template <typename T>
-T from_f(float x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(x);
-  } else {
-    return __float2bfloat16_rn(x);
-  }
-}
-
-template <typename T>
-double to_d(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(x);
-  } else {
-    return __bfloat162float(x);
-  }
-}
 
 struct Reference {
   std::vector<double> scores, dq, du, dk, dv;
@@ -119,7 +99,7 @@ template <typename T>
 double max_relative_error(const T* got, const std::vector<double>& want) {
   double error = 0, magnitude = 1.0;
   for (size_t n = 0; n < want.size(); ++n) {
-    const double value = to_d(got[n]);
+    const double value = to_float(got[n]);
     if (std::isnan(value) != std::isnan(want[n])) return INFINITY;
     if (std::isnan(value)) continue;
     error = std::max(error, std::abs(value - want[n]));
@@ -136,8 +116,8 @@ bool run_case(const Case& c, std::mt19937& rng) {
     rounded.resize(n);
     exact.resize(n);
     for (int64_t e = 0; e < n; ++e) {
-      rounded[e] = from_f<T>(normal(rng));
-      exact[e] = to_d(rounded[e]);  // the reference sees the same rounded inputs
+      rounded[e] = from_float<T>(normal(rng));
+      exact[e] = to_float(rounded[e]);  // the reference sees the same rounded inputs
     }
   };
   std::vector<T> q, u, k, v;
@@ -148,7 +128,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
   random_tensor(c.nt * c.length * c.heads * c.head_dim, v, vd);
   const int64_t nan_image = c.ni / 2;
   if (c.nan) {
-    q[nan_image * c.heads * c.head_dim + c.head_dim - 1] = from_f<T>(NAN);
+    q[nan_image * c.heads * c.head_dim + c.head_dim - 1] = from_float<T>(NAN);
     qd[nan_image * c.heads * c.head_dim + c.head_dim - 1] = NAN;
   }
   const std::string mask_kind = c.mask;
@@ -166,8 +146,8 @@ bool run_case(const Case& c, std::mt19937& rng) {
     for (int64_t w = 0; w < c.nt * c.length; ++w) {
       if (mask[w] != 0) continue;
       for (int64_t e = w * c.heads * c.head_dim; e < (w + 1) * c.heads * c.head_dim; ++e) {
-        k[e] = from_f<T>(NAN);
-        v[e] = from_f<T>(e % 2 ? INFINITY : -INFINITY);
+        k[e] = from_float<T>(NAN);
+        v[e] = from_float<T>(e % 2 ? INFINITY : -INFINITY);
       }
     }
   }
@@ -180,13 +160,13 @@ bool run_case(const Case& c, std::mt19937& rng) {
   // storage when the case is misaligned.
   const size_t shift = c.misaligned ? 1 : 0;
   const auto placed = [&](const std::vector<T>& values) {
-    std::vector<T> storage(values.size() + 1, from_f<T>(0.f));
+    std::vector<T> storage(values.size() + 1, from_float<T>(0.f));
     std::copy(values.begin(), values.end(), storage.begin() + shift);
     return storage;
   };
   std::vector<T> q_in = placed(q), u_in = placed(u), k_in = placed(k), v_in = placed(v);
-  std::vector<T> scores(c.ni * c.nt + 1, from_f<T>(0.f)), dq_out = placed(std::vector<T>(q.size(), from_f<T>(0.f)));
-  std::vector<T> du_out = dq_out, dk_out = placed(std::vector<T>(k.size(), from_f<T>(0.f))), dv_out = dk_out;
+  std::vector<T> scores(c.ni * c.nt + 1, from_float<T>(0.f)), dq_out = placed(std::vector<T>(q.size(), from_float<T>(0.f)));
+  std::vector<T> du_out = dq_out, dk_out = placed(std::vector<T>(k.size(), from_float<T>(0.f))), dv_out = dk_out;
 
   Shape p{};
   p.num_images = c.ni;
@@ -220,8 +200,8 @@ bool run_case(const Case& c, std::mt19937& rng) {
                          msa::WordsGradLayout<T, DP>::kBytes, qp, up, kp, vp, mask_ptr, g32.data(),
                          dk_out.data() + shift, dv_out.data() + shift, p);
   // Nothing written outside the outputs: the element before (misaligned) or after them is still zero.
-  bool ok = to_d(scores.back()) == 0.0 && to_d(dq_out[shift ? 0 : q.size()]) == 0.0 &&
-            to_d(dk_out[shift ? 0 : k.size()]) == 0.0;
+  bool ok = to_float(scores.back()) == 0.0 && to_float(dq_out[shift ? 0 : q.size()]) == 0.0 &&
+            to_float(dk_out[shift ? 0 : k.size()]) == 0.0;
 
   const Reference want = reference(qd, ud, kd, vd, mask, has_mask, g, c, scale);
   const double errors[5] = {
@@ -233,15 +213,15 @@ bool run_case(const Case& c, std::mt19937& rng) {
   const double tolerance = std::is_same_v<T, float> ? 1e-4 : (std::is_same_v<T, __half> ? 2e-3 : 1.6e-2);
   for (double e : errors) ok = ok && e <= tolerance;
   if (mask_kind == "all") {
-    for (const T& s : scores) ok = ok && to_d(s) == 0.0;
+    for (const T& s : scores) ok = ok && to_float(s) == 0.0;
   }
   if (c.nan) {  // the NaN image's row is NaN (the comparison above checked where), and nothing else
-    for (int64_t j = 0; j < c.nt; ++j) ok = ok && std::isnan(to_d(scores[nan_image * c.nt + j]));
-    for (int64_t n = 0; n < c.ni * c.nt; ++n) ok = ok && (n / c.nt == nan_image || !std::isnan(to_d(scores[n])));
+    for (int64_t j = 0; j < c.nt; ++j) ok = ok && std::isnan(to_float(scores[nan_image * c.nt + j]));
+    for (int64_t n = 0; n < c.ni * c.nt; ++n) ok = ok && (n / c.nt == nan_image || !std::isnan(to_float(scores[n])));
   }
   if (mask_kind == "masked-texts") {
     for (int64_t i = 0; i < c.ni; ++i) {
-      for (int64_t j = 1; j < c.nt; j += 3) ok = ok && to_d(scores[i * c.nt + j]) == 0.0;
+      for (int64_t j = 1; j < c.nt; j += 3) ok = ok && to_float(scores[i * c.nt + j]) == 0.0;
     }
   }
   std::printf(
