@@ -274,12 +274,15 @@ def mscmat_scores_bwd_images_kernel(
     Mask_text = Mask + first_text * stride_mt
     dq = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
     du = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-    if ONE_CHUNK:
-        # BLOCK_T texts per step, side by side in one product (see text_columns); [BLOCK_I, BLOCK_T] statistics.
-        offs_t = tl.arange(0, BLOCK_T)
-        stats_tile = rows_i[:, None] + (offs_t * stride_st)[None, :]
-        grad_tile = rows_i[:, None] + (offs_t * stride_gt)[None, :]
-        for text in range(first_text, last_text, BLOCK_T):
+    # Texts of one chunk: BLOCK_T per step, side by side in one product (see text_columns), with [BLOCK_I, BLOCK_T]
+    # statistics. Long texts: one per step, a first pass over the word chunks for the softmax statistics, a second
+    # for the grads.
+    texts_per_step: tl.constexpr = BLOCK_T if ONE_CHUNK else 1
+    offs_t = tl.arange(0, BLOCK_T)
+    stats_tile = rows_i[:, None] + (offs_t * stride_st)[None, :]
+    grad_tile = rows_i[:, None] + (offs_t * stride_gt)[None, :]
+    for text in range(first_text, last_text, texts_per_step):
+        if ONE_CHUNK:
             _, valid, word_rows = text_columns(
                 Mask_text, last_text - text, L, stride_mt, stride_ml, stride_kt, stride_kl, HAS_MASK, BLOCK_T,
                 BLOCK_L,
@@ -305,15 +308,7 @@ def mscmat_scores_bwd_images_kernel(
                 du = mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
             if STORE_STATS:
                 store_stats(S_text + stats_tile, stride_sp, m_scaled, inv_den, head_out, texts_ok)
-            G_text += BLOCK_T * stride_gt
-            S_text += BLOCK_T * stride_st
-            K_text += BLOCK_T * stride_kt
-            V_text += BLOCK_T * stride_kt
-            Mask_text += BLOCK_T * stride_mt
-    else:
-        # Long texts, one per step: a first pass over the word chunks for the softmax statistics, a second for the
-        # grads.
-        for _ in range(first_text, last_text):
+        else:
             m_scaled, inv_den, head_out = _text_stats(
                 q, u, K_text, V_text, Mask_text, word_tile, True, offs_l, d_ok, stride_kl, stride_ml, L, scale_log2,
                 HAS_MASK, INPUT_PRECISION, UPCAST, BLOCK_I, BLOCK_L,
@@ -331,11 +326,11 @@ def mscmat_scores_bwd_images_kernel(
                     ds, dr = _product_grads(e, r, inv_den, head_out, g, scale, 1)
                     dq = mma(ds.to(k.dtype), k, dq, INPUT_PRECISION, UPCAST)
                     du = mma(dr.to(v.dtype), v, du, INPUT_PRECISION, UPCAST)
-            G_text += stride_gt
-            S_text += stride_st
-            K_text += stride_kt
-            V_text += stride_kt
-            Mask_text += stride_mt
+        G_text += texts_per_step * stride_gt
+        S_text += texts_per_step * stride_st
+        K_text += texts_per_step * stride_kt
+        V_text += texts_per_step * stride_kt
+        Mask_text += texts_per_step * stride_mt
     if IMAGE_GRADS:
         out_base = split * stride_split + image_base
         tl.store(DQ + out_base + image_tile, dq.to(DQ.dtype.element_ty), mask=image_ok)
