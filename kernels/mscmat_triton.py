@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 from torch.library import triton_op, wrap_triton
 
 from msa._autograd import register_scores_autograd
@@ -33,32 +32,43 @@ TEXTS_PER_SPLIT_ESTIMATE = 4
 STATS_BYTES_BUDGET = 1 << 30
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv and triton.next_power_of_2 are JIT functions: each host call costs ~2 us against ~50 ns here,
+    # and the host code runs a dozen of them per forward + backward.
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1."""
+    return 1 << (n - 1).bit_length()
+
+
 def _block_sizes(num_words: int, head_dim: int) -> tuple[int, int]:
     """Words per product (a power of two, at least MIN_PRODUCT_WORDS, at most MAX_BLOCK_L: longer texts are
     walked in chunks) and the head dim padded to a power of two (tl.dot needs K >= 16)."""
-    block_l = min(max(triton.next_power_of_2(max(num_words, 1)), MIN_PRODUCT_WORDS), MAX_BLOCK_L)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_l = min(max(_next_power_of_2(max(num_words, 1)), MIN_PRODUCT_WORDS), MAX_BLOCK_L)
+    block_d = max(16, _next_power_of_2(head_dim))
     return block_l, block_d
 
 
 def _splits(programs: int, items: int) -> tuple[int, int]:
     """(splits, items per split) of a loop over ``items`` so that ``programs`` per split reach MIN_PROGRAMS (two per
     SM of an H100); one split (no workspace) when they already do."""
-    splits = max(1, min(items, triton.cdiv(MIN_PROGRAMS, programs)))
-    per_split = triton.cdiv(items, splits)
-    return triton.cdiv(items, per_split), per_split
+    splits = max(1, min(items, _cdiv(MIN_PROGRAMS, programs)))
+    per_split = _cdiv(items, splits)
+    return _cdiv(items, per_split), per_split
 
 
 def _text_splits(num_images: int, num_texts: int, heads: int) -> tuple[int, int]:
     """(splits, texts per split) of the dq/du kernel's text loop: image tiles x heads fall short of MIN_PROGRAMS at
     training sizes."""
-    return _splits(triton.cdiv(num_images, IMAGES_PER_SPLIT_ESTIMATE) * heads, num_texts)
+    return _splits(_cdiv(num_images, IMAGES_PER_SPLIT_ESTIMATE) * heads, num_texts)
 
 
 def _head_splits(num_images: int, num_texts: int, heads: int) -> tuple[int, int]:
     """(splits, heads per split) of the forward's head loop: image x text tiles fall short of MIN_PROGRAMS at
     training sizes (Ni = Nt = 128)."""
-    tiles = triton.cdiv(num_images, IMAGES_PER_SPLIT_ESTIMATE) * triton.cdiv(num_texts, TEXTS_PER_SPLIT_ESTIMATE)
+    tiles = _cdiv(num_images, IMAGES_PER_SPLIT_ESTIMATE) * _cdiv(num_texts, TEXTS_PER_SPLIT_ESTIMATE)
     return _splits(tiles, heads)
 
 
@@ -118,7 +128,7 @@ def _forward(q, u, k, v, word_mask, scale, tile=None):
     parts = out if splits == 1 else q.new_empty((splits, num_images, num_texts), dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(num_images, meta["BLOCK_I"]) * triton.cdiv(num_texts, meta["BLOCK_T"]), splits)
+        return (_cdiv(num_images, meta["BLOCK_I"]) * _cdiv(num_texts, meta["BLOCK_T"]), splits)
 
     wrap_triton(kernel)[grid](
         q, u, k, v, mask, parts,
@@ -215,7 +225,7 @@ def _backward_texts(q, u, k, v, mask, mask_strides, has_mask, grad_t, scale, gra
         du_parts = q.new_empty((splits, *q.shape), dtype=torch.float32)
 
     def images_grid(meta):
-        return (triton.cdiv(num_images, meta["BLOCK_I"]), heads, splits)
+        return (_cdiv(num_images, meta["BLOCK_I"]), heads, splits)
 
     wrap_triton(mscmat_scores_bwd_images_kernel)[images_grid](
         q, u, k, v, mask, grad_t, dq_parts, du_parts, stats, *strides, q.numel(), *stats_strides, *sizes,
@@ -228,7 +238,7 @@ def _backward_texts(q, u, k, v, mask, mask_strides, has_mask, grad_t, scale, gra
     if words_grads:
 
         def words_grid(meta):
-            return (triton.cdiv(num_texts, meta["BLOCK_T"]) * triton.cdiv(num_words, block_l), heads)
+            return (_cdiv(num_texts, meta["BLOCK_T"]) * _cdiv(num_words, block_l), heads)
 
         wrap_triton(mscmat_scores_bwd_words_kernel)[words_grid](
             q, u, k, v, mask, grad_t, stats, dk, dv, *strides, *stats_strides, *sizes, **common

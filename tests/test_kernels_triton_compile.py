@@ -76,6 +76,19 @@ def test_dq_kernel_splits_texts_when_image_tiles_and_heads_are_too_few():
     assert _text_splits(1, 3, 1) == (3, 1)
 
 
+def test_host_integer_helpers_match_triton():
+    """The host code sizes grids and blocks with its own integer helpers (triton's are JIT functions, ~2 us a
+    call): they must agree with triton's everywhere the host code calls them."""
+    triton = pytest.importorskip("triton")
+    from msa.kernels.mscmat_triton import _cdiv, _next_power_of_2
+
+    for n in range(1, 4100):
+        assert _next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128, 264):
+            assert _cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert _cdiv(0, 64) == 0
+
+
 def test_default_forward_tile_fits_three_blocks_per_sm(default_rows):
     """On an H200, ncu counted three resident blocks of the default forward tile (eight warps) per SM, limited by
     registers. The offline compile lands there only with the launcher's specialisation (aligned pointers, strides
