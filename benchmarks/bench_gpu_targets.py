@@ -5,9 +5,10 @@
 At bf16, Ni = Nt = 4096, L = 32, H = 12, Dh = 64, for each GPU backend ("triton", "cuda"): forward, backward
 and forward+backward time, TFLOP/s and the fraction of the dense bf16 matmul rate measured here (forward FLOPs
 4 L H Dh per pair; backward counted as twice the forward, as in bench_mscmat.py), speed-up over the einsum
-reference (run over image chunks that fit in memory), peak extra memory; then a full evaluation of RSICD's test
-split (1093 images x 5465 captions, 4 scales) through MSCMAT. Writes bench_gpu_targets_<card>.json and .md,
-with the configuration the Triton autotuner chose for each kernel and size.
+reference (run over image chunks that fit in memory), peak extra memory; the atomic adds a single fused Triton
+backward would need, alone, against the measured two-kernel backward (fused_backward_floor.py); then a full
+evaluation of RSICD's test split (1093 images x 5465 captions, 4 scales) through MSCMAT. Writes
+bench_gpu_targets_<card>.json and .md, with the configuration the Triton autotuner chose for each kernel and size.
 """
 
 from __future__ import annotations
@@ -80,6 +81,27 @@ def op_rows(backends, shape, dtype, rate, repeats, device) -> list[dict]:
             rows.append(row)
         del scores
     return rows
+
+
+def fused_floor_row(shape, backward_ms, repeats, device) -> dict:
+    """The image-side atomic adds of a fused backward (four 32-word texts per program: 128 product columns, the
+    widest MAX_BLOCK_L allows) alone, and their share of the two-kernel backward measured in this run. The fused
+    kernel would save at most the words kernel's S, R recompute (2 of 8 products) and its exponentials."""
+    from fused_backward_floor import image_side_atomics
+
+    from msa.kernels.configs import MAX_BLOCK_L
+
+    ni, nt, length, heads, head_dim = shape
+    q, u, _, _ = make_inputs(ni, 1, 1, heads, head_dim, device, torch.bfloat16)
+    texts = max(1, MAX_BLOCK_L // length)
+    seconds = median_seconds(lambda: image_side_atomics(q, u, nt, texts_per_program=texts), device, repeats, warmup=2)
+    share = seconds * 1e3 / backward_ms
+    return {
+        "provider": "triton",
+        "mode": f"fused-backward floor: its dq, du atomic adds alone ({share:.0%} of the backward)",
+        "median_ms": seconds * 1e3,
+        "share_of_backward": share,
+    }
 
 
 def rsicd_rows(backends, device, repeats) -> list[dict]:
@@ -184,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends:
         measured = op_rows([backend], shape, torch.bfloat16, rate, args.repeats, device)
         rows += measured if not rows else measured[1:]  # the reference row once
+        if backend == "triton":
+            backward_ms = next(row["median_ms"] for row in measured if row["mode"] == "backward")
+            try:  # a side measurement: it must not cost the RSICD rows that follow
+                rows.append(fused_floor_row(shape, backward_ms, args.repeats, device))
+            except Exception as error:  # noqa: BLE001
+                print(f"fused-backward floor failed: {type(error).__name__}: {error}", file=sys.stderr)
         write(rows)
     print("RSICD test split through MSCMAT ...", file=sys.stderr)
     rows += rsicd_rows(backends, device, max(3, args.repeats // 3))

@@ -10,8 +10,8 @@ SM (the smallest of the register, shared-memory, warp and block limits of sm_90)
 Hopper's wgmma or the older mma.sync. Writes kernel_report_triton-<version>.md and .json into --out.
 
 --launched compiles only the specialisations that tests/test_ops_gpu.py and the benchmarks launch (the tests'
-first fitting tile, the benchmarks' every fitting tile), so that a compile error shows up before a GPU is
-rented; --check exits 1 if any compile fails. To compile under another Triton, put it first on PYTHONPATH
+first fitting tile, the benchmarks' every fitting tile) and bench_gpu_targets' fused-backward floor kernel
+(fused_backward_floor.py), so that a compile error shows up before a GPU is rented; --check exits 1 if any compile fails. To compile under another Triton, put it first on PYTHONPATH
 (`pip install --target DIR triton==3.6.0`; `PYTHONPATH=DIR python benchmarks/kernel_report.py ...`).
 """
 
@@ -300,6 +300,20 @@ def _compile_all(specs: list[Spec], jobs: int) -> list[dict]:
         return list(pool.map(compile_spec, specs))
 
 
+def _compile_fused_backward_floor() -> str:
+    """One line on the kernel of fused_backward_floor.py (bench_gpu_targets launches it): its sm_90 compile."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import fused_backward_floor
+
+        ptx = fused_backward_floor.compile_for_sm90()
+    except Exception as error:  # noqa: BLE001  (a failed compile is a line of the report)
+        cause = error.__cause__ or error
+        return f"fused-backward floor kernel: FAILED: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+    atomics = sorted(set(re.findall(r"\b(?:red|atom)\.[\w.]+", ptx)))
+    return f"fused-backward floor kernel: compiled, atomics {', '.join(atomics) or 'none'}"
+
+
 def _forward_form(tile) -> str:
     """Where the forward keeps q, u, and whether its products hold all BLOCK_T texts (empty for the backward)."""
     if len(tile) < 6:
@@ -351,6 +365,11 @@ def main() -> int:
     title = f"sm_90 compile report, triton {triton.__version__}: {scope}"
     text = markdown(rows, title)
     print(text)
+    if args.launched:
+        floor = _compile_fused_backward_floor()
+        text += f"\n{floor}\n"
+        print(floor)
+        failed += ["fused-backward floor"] if "FAILED" in floor else []
     print(f"{len(rows)} specialisations compiled for sm_90 in {time.perf_counter() - started:.0f} s, "
           f"{len(failed)} failed")  # fmt: skip
     if args.out:

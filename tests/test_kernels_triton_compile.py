@@ -173,3 +173,24 @@ print(counts)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     # One forward launch; images + words kernel per block of texts (one block, then four of two texts).
     assert run.stdout.strip().splitlines()[-1] == "[1, 2, 1, 8]"
+
+
+def test_fused_backward_floor_kernel_compiles_to_vector_atomics():
+    """bench_gpu_targets times the atomic adds a fused backward would make with the kernel of
+    benchmarks/fused_backward_floor.py; for the floor to be a fair one, its adds must be what a fused kernel gets:
+    relaxed, four floats an instruction (sm_90)."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"triton {triton.__version__} has no offline compiler API: {error}")
+    code = (
+        "import re, sys; sys.path.insert(0, sys.argv[1]); import fused_backward_floor as f\n"
+        "print(sorted(set(re.findall(r'\\b(?:red|atom)\\.[\\w.]+', f.compile_for_sm90()))))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks")], env=env, cwd=REPO / "tests",
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    atomics = run.stdout.strip().splitlines()[-1]
+    assert "relaxed" in atomics and ".v4.f32" in atomics and "acq_rel" not in atomics, atomics

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import check_close, check_only_asked_gradients, make_op_inputs, poison_masked_words
+from conftest import check_close, check_only_asked_gradients, import_benchmark, make_op_inputs, poison_masked_words
 
 from msa.ops import mscmat_scores_ref
 
@@ -258,3 +258,19 @@ def test_float64_is_refused(triton_module):
     q, u, k, v, _ = make_inputs(2, 2, 3, 1, 16, None, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         triton_module.mscmat_scores_triton(q, u, k, v)
+
+
+@in_interpreter
+def test_fused_backward_floor_adds_every_image_tile_once_per_text_block():
+    """benchmarks/fused_backward_floor.py times the atomic adds a fused backward would make: every text block's
+    program must add every image tile of its head exactly once (odd sizes: a partial image tile, a partial text
+    block)."""
+    floor = import_benchmark("fused_backward_floor")
+    q = torch.randn(70, 3, 16).to(torch.bfloat16)
+    u = torch.randn(70, 3, 16).to(torch.bfloat16)
+    dq, du = floor.image_side_atomics(q, u, num_texts=9, texts_per_program=4, block_i=32)
+    assert dq.dtype == torch.float32
+    torch.testing.assert_close(dq, 3 * q.float(), rtol=0, atol=0)
+    torch.testing.assert_close(du, 3 * u.float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="power of two"):
+        floor.image_side_atomics(q[..., :12].contiguous(), u[..., :12].contiguous(), num_texts=2)
