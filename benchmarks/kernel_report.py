@@ -11,7 +11,8 @@ Hopper's wgmma or the older mma.sync. Writes kernel_report_triton-<version>.md a
 
 --launched compiles only the specialisations that tests/test_ops_gpu.py and the benchmarks launch (the tests'
 first fitting tile, the benchmarks' every fitting tile) and bench_gpu_targets' fused-backward floor kernel
-(fused_backward_floor.py), so that a compile error shows up before a GPU is rented; --check exits 1 if any compile fails. To compile under another Triton, put it first on PYTHONPATH
+(fused_backward_floor.py), so that a compile error shows up before a GPU is rented; --check exits 1 if any
+compile fails. To compile under another Triton, put it first on PYTHONPATH
 (`pip install --target DIR triton==3.6.0`; `PYTHONPATH=DIR python benchmarks/kernel_report.py ...`).
 """
 
@@ -72,7 +73,7 @@ def _specs_for(dtype: str, num_words: int, head_dim: int, has_mask: bool, every_
     """The specialisations one call of the op (forward and backward) compiles for these inputs."""
     import torch
 
-    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, fitting_tiles
+    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, fitting_tiles, words_chunk
 
     block_l = _block_l(num_words)
     torch_dtype = getattr(torch, DTYPES[dtype])
@@ -80,9 +81,11 @@ def _specs_for(dtype: str, num_words: int, head_dim: int, has_mask: bool, every_
     block_d = Spec("fwd", dtype, block_l, head_dim, has_mask, one_chunk, (0, 0, 0, 0)).block_d
     specs = []
     for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_IMAGES_TILES), ("bwd_words", BWD_WORDS_TILES)):
-        fitting = fitting_tiles(tiles, torch_dtype, block_l, block_d, kernel)
+        # The dk/dv kernel takes its own chunks of a long text (words_chunk).
+        chunk = words_chunk(torch_dtype, block_l, block_d) if kernel == "bwd_words" else block_l
+        fitting = fitting_tiles(tiles, torch_dtype, chunk, block_d, kernel)
         for tile in fitting if every_tile else fitting[:1]:
-            specs.append(Spec(kernel, dtype, block_l, head_dim, has_mask, one_chunk, tile))
+            specs.append(Spec(kernel, dtype, chunk, head_dim, has_mask, one_chunk, tile))
     return specs
 
 

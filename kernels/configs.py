@@ -166,6 +166,20 @@ def fitting_tiles(tiles: dict[str, list[Tile]], dtype: torch.dtype, block_l: int
     return kept or wanted[:1]
 
 
+def words_chunk(dtype: torch.dtype, block_l: int, block_d: int) -> int:
+    """Words per program of the dk/dv kernel: ``block_l`` halved while none of its tiles fits. Its softmax is
+    elementwise (the statistics come from the dq/du kernel), so its chunks need not be the forward's; its dk, dv
+    accumulators grow with the chunk, and at 128 words every tile spilled (Dh = 64: 52-772 B per thread on the
+    sm_90 compile report), at 64 none."""
+    wanted = BWD_WORDS_TILES["fp32" if dtype == torch.float32 else "low"]
+    element_bytes = torch.finfo(dtype).bits // 8
+    while block_l > MIN_PRODUCT_WORDS and not any(
+        tile_fits(tile, block_l, block_d, element_bytes, "bwd_words") for tile in wanted
+    ):
+        block_l //= 2
+    return block_l
+
+
 def pruner(tiles: dict[str, list[Tile]], role: str):
     """``prune_configs_by`` of triton.autotune: the fitting tiles, or the first of them with autotuning off."""
 

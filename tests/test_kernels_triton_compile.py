@@ -194,3 +194,27 @@ def test_fused_backward_floor_kernel_compiles_to_vector_atomics():
     assert run.returncode == 0, run.stderr[-3000:]
     atomics = run.stdout.strip().splitlines()[-1]
     assert "relaxed" in atomics and ".v4.f32" in atomics and "acq_rel" not in atomics, atomics
+
+
+def test_words_kernel_takes_chunks_that_do_not_spill():
+    """Texts longer than 64 words: the dk/dv kernel takes 64-word chunks at Dh = 64 (every tile of 128 words
+    spilled 52-772 B per thread); its default tile then compiles without spills."""
+    pytest.importorskip("triton")
+    import torch
+
+    from msa.kernels.configs import words_chunk
+
+    assert words_chunk(torch.bfloat16, 128, 64) == 64 and words_chunk(torch.bfloat16, 32, 64) == 32
+    assert words_chunk(torch.bfloat16, 128, 128) == 64 and words_chunk(torch.float16, 64, 64) == 64
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
+        "spec = next(s for s in kr._specs_for('bf16', 150, 64, True, every_tile=False) if s.kernel == 'bwd_words')\n"
+        "print(json.dumps(kr.compile_spec(spec)))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks")], env=env, cwd=REPO / "tests",
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "error" not in row, row
+    assert row["block_l"] == 64 and row["spill_stores"] == 0 and row["spill_loads"] == 0, row

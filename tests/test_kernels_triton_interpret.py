@@ -126,6 +126,23 @@ def test_forward_with_every_text_of_a_program_in_one_product(triton_module, tile
 
 
 @in_interpreter
+@pytest.mark.parametrize("length", [37, 130])
+def test_words_kernel_in_chunks_of_its_own(triton_module, monkeypatch, length):
+    """The dk/dv kernel takes its own word chunks (configs.words_chunk: at Dh 64, 64 words where the forward takes
+    128), since its softmax is elementwise: chunks of 16 words here, a partial last one, a text spread over several
+    programs, one chunk of the forward's (L 37) or three (L 130)."""
+    monkeypatch.setattr(triton_module, "words_chunk", lambda dtype, block_l, block_d: 16)
+    q, u, k, v, mask = make_inputs(4, 5, length, 2, 16, "random")
+    scores = triton_module.mscmat_scores_triton(q, u, k, v, mask, 0.3)
+    expected = mscmat_scores_ref(*(t.double() for t in (q, u, k, v)), mask, 0.3)
+    grad_scores = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    for name, got, want in zip(
+        "kv", grads_of(scores, (k, v), grad_scores), grads_of(expected, (k, v), grad_scores.double())
+    ):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4, msg=f"d{name}")
+
+
+@in_interpreter
 @pytest.mark.parametrize("length", [9, 130])
 def test_one_split_of_heads_and_texts(triton_module, monkeypatch, length):
     """At these sizes the forward splits its heads and the dq/du kernel its texts across programs (partial sums the
