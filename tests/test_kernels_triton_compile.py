@@ -19,23 +19,23 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = [(32, 64, False), (150, 128, True)]
 
 
+def _last_line_in_child(code: str, *args: str, timeout: int = 900) -> str:
+    """The last line ``code`` prints in a child Python process (from tests/) that compiles Triton kernels: without
+    TRITON_INTERPRET, which the interpreter tests set."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO / "tests", capture_output=True,
+                         text=True, timeout=timeout)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run.stdout.strip().splitlines()[-1]
+
+
 def _compile_in_child() -> list[dict]:
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
         "specs = [s for c in json.loads(sys.argv[2]) for s in kr._specs_for('bf16', *c, every_tile=False)]\n"
         "print(json.dumps([kr.compile_spec(s) for s in specs]))\n"
     )
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(REPO / "benchmarks"), json.dumps(CASES)],
-        env=env,
-        cwd=REPO / "tests",
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(_last_line_in_child(code, str(REPO / "benchmarks"), json.dumps(CASES)))
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +110,7 @@ def _compile_one(spec: str) -> dict:
         "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
         f"print(json.dumps(kr.compile_spec(kr.{spec})))\n"
     )
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(REPO / "benchmarks")], env=env, cwd=REPO / "tests", capture_output=True,
-        text=True, timeout=900,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    row = json.loads(run.stdout.strip().splitlines()[-1])
+    row = json.loads(_last_line_in_child(code, str(REPO / "benchmarks")))
     if "error" in row and "ASTSource" in row["error"]:
         pytest.skip(f"no offline compiler API: {row['error']}")
     return row
@@ -166,13 +160,8 @@ for min_programs, budget in ((mt.MIN_PROGRAMS, mt.STATS_BYTES_BUDGET), (1, 2 * 8
         counts.append(graph.count("triton_kernel_wrapper_mutation("))
 print(counts)
 """
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=REPO / "tests", capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     # One forward launch; images + words kernel per block of texts (one block, then four of two texts).
-    assert run.stdout.strip().splitlines()[-1] == "[1, 2, 1, 8]"
+    assert _last_line_in_child(code) == "[1, 2, 1, 8]"
 
 
 def test_fused_backward_floor_kernel_compiles_to_vector_atomics():
@@ -188,11 +177,7 @@ def test_fused_backward_floor_kernel_compiles_to_vector_atomics():
         "import re, sys; sys.path.insert(0, sys.argv[1]); import fused_backward_floor as f\n"
         "print(sorted(set(re.findall(r'\\b(?:red|atom)\\.[\\w.]+', f.compile_for_sm90()))))\n"
     )
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks")], env=env, cwd=REPO / "tests",
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    atomics = run.stdout.strip().splitlines()[-1]
+    atomics = _last_line_in_child(code, str(REPO / "benchmarks"))
     assert "relaxed" in atomics and ".v4.f32" in atomics and "acq_rel" not in atomics, atomics
 
 
@@ -206,15 +191,6 @@ def test_words_kernel_takes_chunks_that_do_not_spill():
 
     assert words_chunk(torch.bfloat16, 128, 64) == 64 and words_chunk(torch.bfloat16, 32, 64) == 32
     assert words_chunk(torch.bfloat16, 128, 128) == 64 and words_chunk(torch.float16, 64, 64) == 64
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
-        "spec = next(s for s in kr._specs_for('bf16', 150, 64, True, every_tile=False) if s.kernel == 'bwd_words')\n"
-        "print(json.dumps(kr.compile_spec(spec)))\n"
-    )
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks")], env=env, cwd=REPO / "tests",
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    row = json.loads(run.stdout.strip().splitlines()[-1])
-    assert "error" not in row, row
+    row = _compile_one("_specs_for('bf16', 150, 64, True, every_tile=False)[2]")  # fwd, bwd_images, bwd_words
+    assert row["kernel"] == "bwd_words" and "error" not in row, row
     assert row["block_l"] == 64 and row["spill_stores"] == 0 and row["spill_loads"] == 0, row
