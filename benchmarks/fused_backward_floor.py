@@ -9,9 +9,9 @@ in all (6.4e9 at Ni = Nt = 4096, H = 12, Dh = 64 and four 32-word texts per prog
 
 ``image_side_atomics`` runs exactly that traffic and nothing else: the same grid (text blocks x heads), each
 program loading q, u of every image tile (starting at a tile of its own, as a fused kernel would to spread the
-atomics over addresses) and adding them into float32 dq, du with relaxed atomics. The two kernels cost the fused
-design's saving, the words kernel's recompute of S and R (2 of the 8 products) and its exponentials; when these
-atomics alone take longer than that share of the measured backward, the two kernels win.
+atomics over addresses) and adding them into float32 dq, du with relaxed atomics. What the two kernels spend and
+a fused one would not is the words kernel's recompute of S and R (2 of the 8 products) and its exponentials; when
+these atomics alone take longer than that share of the measured backward, the two kernels win.
 """
 
 from __future__ import annotations
