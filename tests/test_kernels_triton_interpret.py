@@ -291,3 +291,14 @@ def test_fused_backward_floor_adds_every_image_tile_once_per_text_block():
     torch.testing.assert_close(du, 3 * u.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="power of two"):
         floor.image_side_atomics(q[..., :12].contiguous(), u[..., :12].contiguous(), num_texts=2)
+
+
+@in_interpreter
+def test_fused_backward_floor_rows_of_the_targets_benchmark():
+    """bench_gpu_targets' floor rows: four and two 32-word texts a program, each with its share of the backward."""
+    bench = import_benchmark("bench_gpu_targets")
+    rows = bench.fused_floor_rows((40, 9, 32, 2, 16), 1000.0, 1, torch.device("cpu"))
+    assert [row["texts_per_program"] for row in rows] == [4, 2]
+    for row in rows:
+        assert row["median_ms"] > 0 and row["share_of_backward"] == row["median_ms"] / 1000.0, row
+        assert f"{row['texts_per_program']} texts a program" in row["mode"], row
