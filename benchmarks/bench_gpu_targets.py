@@ -5,10 +5,10 @@
 At bf16, Ni = Nt = 4096, L = 32, H = 12, Dh = 64, for each GPU backend ("triton", "cuda"): forward, backward
 and forward+backward time, TFLOP/s and the fraction of the dense bf16 matmul rate measured here (forward FLOPs
 4 L H Dh per pair; backward counted as twice the forward, as in bench_mscmat.py), speed-up over the einsum
-reference (run over image chunks that fit in memory), peak extra memory; the atomic adds a single fused Triton
-backward would need, alone, against the measured two-kernel backward (fused_backward_floor.py); then a full
-evaluation of RSICD's test split (1093 images x 5465 captions, 4 scales) through MSCMAT. Writes
-bench_gpu_targets_<card>.json and .md, with the configuration the Triton autotuner chose for each kernel and size.
+reference (run over image chunks that fit in memory), peak extra memory; a single fused Triton backward kernel
+and its atomic adds alone against the op's two backward kernels (fused_backward.py); then a full evaluation of
+RSICD's test split (1093 images x 5465 captions, 4 scales) through MSCMAT. Writes bench_gpu_targets_<card>.json
+and .md, with the configuration the Triton autotuner chose for each kernel and size.
 """
 
 from __future__ import annotations
@@ -83,30 +83,43 @@ def op_rows(backends, shape, dtype, rate, repeats, device) -> list[dict]:
     return rows
 
 
-def fused_floor_rows(shape, backward_ms, repeats, device) -> list[dict]:
-    """The image-side atomic adds of a fused backward alone, and their share of the two-kernel backward measured in
-    this run: with four 32-word texts per program (128 product columns, the widest MAX_BLOCK_L allows; the floor
-    proper) and with two (what a fused kernel holding dk, dv of 64 columns in registers besides S and R could
-    afford). The fused kernel would save at most the words kernel's S, R recompute (2 of 8 products) and its
-    exponentials."""
-    from fused_backward_floor import image_side_atomics
-
-    from msa.kernels.configs import MAX_BLOCK_L
+def fused_backward_rows(shape, backward_ms, rate, repeats, device) -> list[dict]:
+    """The fused backward kernel of fused_backward.py against the op's two kernels (backward_ms, measured in this
+    run), and its atomic adds alone with four and with two texts a program (each a share of the two-kernel
+    backward): the measurement behind one backward kernel or two."""
+    from fused_backward import FUSED_TILES, fused_backward, image_side_atomics
 
     ni, nt, length, heads, head_dim = shape
-    q, u, _, _ = make_inputs(ni, 1, 1, heads, head_dim, device, torch.bfloat16)
+    q, u, k, v = make_inputs(ni, nt, length, heads, head_dim, device, torch.bfloat16)
+    grad = torch.randn(ni, nt, device=device, dtype=torch.bfloat16)
+    flops = 2 * 4 * length * heads * head_dim * ni * nt  # counted as the backward rows count it
     rows = []
-    widest = max(1, MAX_BLOCK_L // length)
-    for texts in sorted({widest, max(1, widest // 2)}, reverse=True):
+    for texts, images, warps in FUSED_TILES:
+
+        def run(texts=texts, images=images, warps=warps):
+            return fused_backward(grad, q, u, k, v, texts_per_program=texts, block_i=images, num_warps=warps)
+
+        seconds = median_seconds(run, device, repeats, warmup=2)
+        rows.append(
+            {
+                "provider": "triton",
+                "mode": f"fused backward, {texts} texts x {images} images, {warps} warps (vs two kernels "
+                f"{backward_ms / (seconds * 1e3):.2f}x)",
+                "median_ms": seconds * 1e3,
+                "tflops": flops / seconds / 1e12,
+                "fraction_of_matmul": flops / seconds / rate,
+                "speedup_vs_two_kernels": backward_ms / (seconds * 1e3),
+            }
+        )
+    for texts in (4, 2):
         seconds = median_seconds(lambda texts=texts: image_side_atomics(q, u, nt, texts), device, repeats, warmup=2)
-        share = seconds * 1e3 / backward_ms
         rows.append(
             {
                 "provider": "triton",
                 "mode": f"fused-backward floor, {texts} texts a program: dq, du atomic adds alone "
-                f"({share:.0%} of the backward)",
+                f"({seconds * 1e3 / backward_ms:.0%} of the backward)",
                 "median_ms": seconds * 1e3,
-                "share_of_backward": share,
+                "share_of_backward": seconds * 1e3 / backward_ms,
                 "texts_per_program": texts,
             }
         )
@@ -218,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "triton":
             backward_ms = next(row["median_ms"] for row in measured if row["mode"] == "backward")
             try:  # a side measurement: it must not cost the RSICD rows that follow
-                rows += fused_floor_rows(shape, backward_ms, args.repeats, device)
+                rows += fused_backward_rows(shape, backward_ms, rate, args.repeats, device)
             except Exception as error:  # noqa: BLE001
-                print(f"fused-backward floor failed: {type(error).__name__}: {error}", file=sys.stderr)
+                print(f"fused backward failed: {type(error).__name__}: {error}", file=sys.stderr)
         write(rows)
     print("RSICD test split through MSCMAT ...", file=sys.stderr)
     rows += rsicd_rows(backends, device, max(3, args.repeats // 3))

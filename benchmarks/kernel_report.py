@@ -10,8 +10,8 @@ SM (the smallest of the register, shared-memory, warp and block limits of sm_90)
 Hopper's wgmma or the older mma.sync. Writes kernel_report_triton-<version>.md and .json into --out.
 
 --launched compiles only the specialisations that tests/test_ops_gpu.py and the benchmarks launch (the tests'
-first fitting tile, the benchmarks' every fitting tile) and bench_gpu_targets' fused-backward floor kernel
-(fused_backward_floor.py), so that a compile error shows up before a GPU is rented; --check exits 1 if any
+first fitting tile, the benchmarks' every fitting tile) and the kernels of fused_backward.py that
+bench_gpu_targets launches, so that a compile error shows up before a GPU is rented; --check exits 1 if any
 compile fails. To compile under another Triton, put it first on PYTHONPATH
 (`pip install --target DIR triton==3.6.0`; `PYTHONPATH=DIR python benchmarks/kernel_report.py ...`).
 """
@@ -303,18 +303,39 @@ def _compile_all(specs: list[Spec], jobs: int) -> list[dict]:
         return list(pool.map(compile_spec, specs))
 
 
-def _compile_fused_backward_floor() -> str:
-    """One line on the kernel of fused_backward_floor.py (bench_gpu_targets launches it): its sm_90 compile."""
+def _compile_fused_backward() -> list[str]:
+    """One line per kernel of fused_backward.py that bench_gpu_targets launches (the atomics alone; the fused
+    backward at each of its FUSED_TILES): the sm_90 compile, its registers, spills and atomics; FAILED and why."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import fused_backward_floor
+    import triton
 
-        ptx = fused_backward_floor.compile_for_sm90()
-    except Exception as error:  # noqa: BLE001  (a failed compile is a line of the report)
-        cause = error.__cause__ or error
-        return f"fused-backward floor kernel: FAILED: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
-    atomics = sorted(set(re.findall(r"\b(?:red|atom)\.[\w.]+", ptx)))
-    return f"fused-backward floor kernel: compiled, atomics {', '.join(atomics) or 'none'}"
+    lines = []
+    try:
+        import fused_backward
+    except Exception as error:  # noqa: BLE001  (a failed import is a line of the report)
+        return [f"fused backward kernels: FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}"]
+    ptxas = os.environ.get(
+        "TRITON_PTXAS_PATH", str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+    )
+    for name, args in [("atomics alone", ("atomics",))] + [
+        (f"fused {tile}", ("fused", *tile)) for tile in fused_backward.FUSED_TILES
+    ]:
+        try:
+            compiled = fused_backward.compile_for_sm90(*args)
+            ptx = compiled.asm["ptx"]
+            usage = _ptxas_usage(ptx, ptxas)
+        except Exception as error:  # noqa: BLE001
+            cause = error.__cause__ or error
+            lines.append(
+                f"fused backward, {name}: FAILED: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+            )
+            continue
+        atomics = sorted(set(re.findall(r"\b(?:red|atom)\.[\w.]+", ptx)))
+        lines.append(
+            f"fused backward, {name}: compiled, {usage['registers']} registers, spills {usage['spill_stores']}/"
+            f"{usage['spill_loads']} B, {compiled.metadata.shared / 1024:.1f} KB shared, atomics {', '.join(atomics)}"
+        )
+    return lines
 
 
 def _forward_form(tile) -> str:
@@ -369,10 +390,10 @@ def main() -> int:
     text = markdown(rows, title)
     print(text)
     if args.launched:
-        floor = _compile_fused_backward_floor()
-        text += f"\n{floor}\n"
-        print(floor)
-        failed += ["fused-backward floor"] if "FAILED" in floor else []
+        fused = _compile_fused_backward()
+        text += "\n" + "\n".join(fused) + "\n"
+        print("\n".join(fused))
+        failed += [line for line in fused if "FAILED" in line]
     print(f"{len(rows)} specialisations compiled for sm_90 in {time.perf_counter() - started:.0f} s, "
           f"{len(failed)} failed")  # fmt: skip
     if args.out:

@@ -164,21 +164,24 @@ print(counts)
     assert _last_line_in_child(code) == "[1, 2, 1, 8]"
 
 
-def test_fused_backward_floor_kernel_compiles_to_vector_atomics():
-    """bench_gpu_targets times the atomic adds a fused backward would make with the kernel of
-    benchmarks/fused_backward_floor.py; for the floor to be a fair one, its adds must be what a fused kernel gets:
-    relaxed, four floats an instruction (sm_90)."""
+def test_fused_backward_kernels_compile_without_spills_and_with_the_same_atomics():
+    """bench_gpu_targets times the fused backward of benchmarks/fused_backward.py and its atomic adds alone: both
+    must compile for sm_90 without spills, and the adds of the floor must be those of the fused kernel (relaxed,
+    four floats an instruction), or the floor would not be one."""
     triton = pytest.importorskip("triton")
     try:
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as error:
         pytest.skip(f"triton {triton.__version__} has no offline compiler API: {error}")
     code = (
-        "import re, sys; sys.path.insert(0, sys.argv[1]); import fused_backward_floor as f\n"
-        "print(sorted(set(re.findall(r'\\b(?:red|atom)\\.[\\w.]+', f.compile_for_sm90()))))\n"
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
+        "print(json.dumps(kr._compile_fused_backward()))\n"
     )
-    atomics = _last_line_in_child(code, str(REPO / "benchmarks"))
-    assert "relaxed" in atomics and ".v4.f32" in atomics and "acq_rel" not in atomics, atomics
+    lines = json.loads(_last_line_in_child(code, str(REPO / "benchmarks")))
+    assert len(lines) == 3 and lines[0].startswith("fused backward, atomics alone"), lines
+    for line in lines:
+        assert "compiled" in line and "spills 0/0 B" in line, line
+        assert line.endswith("atomics atom.global.gpu.relaxed.add.v4.f32"), line
 
 
 def test_words_kernel_takes_chunks_that_do_not_spill():

@@ -279,26 +279,51 @@ def test_float64_is_refused(triton_module):
 
 @in_interpreter
 def test_fused_backward_floor_adds_every_image_tile_once_per_text_block():
-    """benchmarks/fused_backward_floor.py times the atomic adds a fused backward would make: every text block's
-    program must add every image tile of its head exactly once (odd sizes: a partial image tile, a partial text
-    block)."""
-    floor = import_benchmark("fused_backward_floor")
+    """benchmarks/fused_backward.py times the atomic adds of its fused backward alone: every text block's program
+    must add every image tile of its head exactly once (odd sizes: a partial image tile, a partial text block)."""
+    fused = import_benchmark("fused_backward")
     q = torch.randn(70, 3, 16).to(torch.bfloat16)
     u = torch.randn(70, 3, 16).to(torch.bfloat16)
-    dq, du = floor.image_side_atomics(q, u, num_texts=9, texts_per_program=4, block_i=32)
+    dq, du = fused.image_side_atomics(q, u, num_texts=9, texts_per_program=4, block_i=32)
     assert dq.dtype == torch.float32
     torch.testing.assert_close(dq, 3 * q.float(), rtol=0, atol=0)
     torch.testing.assert_close(du, 3 * u.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="power of two"):
-        floor.image_side_atomics(q[..., :12].contiguous(), u[..., :12].contiguous(), num_texts=2)
+        fused.image_side_atomics(q[..., :12].contiguous(), u[..., :12].contiguous(), num_texts=2)
 
 
 @in_interpreter
-def test_fused_backward_floor_rows_of_the_targets_benchmark():
-    """bench_gpu_targets' floor rows: four and two 32-word texts a program, each with its share of the backward."""
+@pytest.mark.parametrize(
+    "ni,nt,length,heads,head_dim,mask_kind,texts",
+    [(37, 7, 9, 2, 24, "masked-texts", 2), (20, 5, 30, 1, 16, "random", 4), (16, 3, 16, 2, 32, None, 1)],
+)
+def test_fused_backward_matches_the_reference(ni, nt, length, heads, head_dim, mask_kind, texts):
+    """The fused backward kernel (benchmark code): every gradient against the float64 reference; image tiles
+    beyond Ni, a partial text block, texts without words, Dh padded, one to four texts a program."""
+    fused = import_benchmark("fused_backward")
+    q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, mask_kind)
+    grad = torch.randn(ni, nt, generator=torch.Generator().manual_seed(3))
+    expected = grads_of(mscmat_scores_ref(*(t.double() for t in (q, u, k, v)), mask, 0.4), (q, u, k, v), grad.double())
+    got = fused.fused_backward(grad, *(t.detach() for t in (q, u, k, v)), mask, 0.4, texts_per_program=texts,
+                               block_i=16)  # fmt: skip
+    for name, g, want in zip("qukv", got, expected):
+        assert g.shape == want.shape and g.dtype == torch.float32, name
+        torch.testing.assert_close(g.double(), want.double(), rtol=1e-4, atol=1e-4, msg=f"d{name}")
+    with pytest.raises(ValueError, match="exceed one product"):
+        fused.fused_backward(grad, *(t.detach() for t in (q, u, k, v)), mask, texts_per_program=16)
+
+
+@in_interpreter
+def test_fused_backward_rows_of_the_targets_benchmark():
+    """bench_gpu_targets' fused-backward rows: each fused tile with its ratio to the two-kernel backward, the floor
+    with four and two texts a program, each with its share of the backward."""
     bench = import_benchmark("bench_gpu_targets")
-    rows = bench.fused_floor_rows((40, 9, 32, 2, 16), 1000.0, 1, torch.device("cpu"))
-    assert [row["texts_per_program"] for row in rows] == [4, 2]
-    for row in rows:
+    rows = bench.fused_backward_rows((40, 9, 32, 2, 16), 1000.0, 1e9, 1, torch.device("cpu"))
+    tiles = len(import_benchmark("fused_backward").FUSED_TILES)
+    fused, floors = rows[:tiles], rows[tiles:]
+    for row in fused:
+        assert row["mode"].startswith("fused backward, 2 texts") and row["median_ms"] > 0, row
+        assert row["speedup_vs_two_kernels"] == 1000.0 / row["median_ms"], row
+    assert [row["texts_per_program"] for row in floors] == [4, 2]
+    for row in floors:
         assert row["median_ms"] > 0 and row["share_of_backward"] == row["median_ms"] / 1000.0, row
-        assert f"{row['texts_per_program']} texts a program" in row["mode"], row
