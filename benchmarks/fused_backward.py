@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from msa.kernels.configs import MAX_BLOCK_L
-from msa.kernels.mscmat_kernels import _product_grads
+from msa.kernels.mscmat_kernels import _product_grads, _texts_exponentials
 from msa.kernels.mscmat_triton import _block_sizes, _cdiv, _input_precision, _prepared, _upcast
-from msa.kernels.tiles import NEG_INF, finalize, load_rows, mma, text_columns
+from msa.kernels.tiles import load_rows, mma, text_columns
 
 # The tiles bench_gpu_targets times: (texts a program, images a tile, warps). Two 32-word texts is the most that
 # compiles without spills at Dh 64 (four spilled 160-936 B per thread on the sm_90 compile, Triton 3.6.0 and 3.8.0;
@@ -114,13 +114,9 @@ def fused_backward_kernel(
         q = tl.load(Q + image_base + image_tile, mask=image_ok, other=0.0)
         u = tl.load(U + image_base + image_tile, mask=image_ok, other=0.0)
         g = tl.load(G_texts + first_image + grad_tile, mask=rows_ok[:, None] & texts_ok[None, :], other=0.0)
-        s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-        r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-        s = tl.reshape(s, (BLOCK_I, BLOCK_T, BLOCK_L))
-        r = tl.reshape(r, (BLOCK_I, BLOCK_T, BLOCK_L))
-        m = tl.max(s, axis=2)
-        e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, :, None])
-        _, inv_den, head_out = finalize(m, tl.sum(e, axis=2), tl.sum(e * r, axis=2), scale_log2)
+        e, r, _, inv_den, head_out = _texts_exponentials(
+            q, u, k, v, valid, scale_log2, INPUT_PRECISION, UPCAST, BLOCK_T, BLOCK_L
+        )
         ds, dr = _product_grads(e, r, inv_den, head_out, g.to(tl.float32), scale, 2)
         ds = tl.reshape(ds, (BLOCK_I, BLOCK_T * BLOCK_L)).to(k.dtype)
         dr = tl.reshape(dr, (BLOCK_I, BLOCK_T * BLOCK_L)).to(v.dtype)

@@ -221,6 +221,26 @@ def _text_stats(
 
 
 @triton.jit
+def _texts_exponentials(
+    q, u, k, v, valid, scale_log2,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """The shifted exponentials e and the readouts r of BLOCK_I images against BLOCK_T texts whose words lie side by
+    side in k, v (see text_columns), as [BLOCK_I, BLOCK_T, BLOCK_L] with a text's words on the last axis, and each
+    (image, text)'s scaled shift, 1 / denominator and head output o (see finalize): one product per operand pair
+    and one exponential pass, which the backward's gradients reuse (see _product_grads)."""
+    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
+    r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+    rows: tl.constexpr = s.shape[0]
+    s = tl.reshape(s, (rows, BLOCK_T, BLOCK_L))
+    r = tl.reshape(r, (rows, BLOCK_T, BLOCK_L))
+    m = tl.max(s, axis=2)
+    e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, :, None])
+    m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=2), tl.sum(e * r, axis=2), scale_log2)
+    return e, r, m_scaled, inv_den, head_out
+
+
+@triton.jit
 def _product_grads(e, r, inv_den, head_out, g, scale, AXIS: tl.constexpr):
     """dS = g p (r - o) scale and dR = g p of one product, from the shifted exponentials e (p = e / den; a text's
     words along AXIS, one statistic per image and text in inv_den, head_out, g): the forward's exponentials serve
@@ -290,13 +310,9 @@ def mscmat_scores_bwd_images_kernel(
             texts_tile = word_rows[:, None] + offs_d[None, :]
             k = load_rows(K_text + texts_tile, valid, d_ok)
             v = load_rows(V_text + texts_tile, valid, d_ok)
-            s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-            r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-            s = tl.reshape(s, (BLOCK_I, BLOCK_T, BLOCK_L))
-            r = tl.reshape(r, (BLOCK_I, BLOCK_T, BLOCK_L))
-            m = tl.max(s, axis=2)
-            e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, :, None])
-            m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=2), tl.sum(e * r, axis=2), scale_log2)
+            e, r, m_scaled, inv_den, head_out = _texts_exponentials(
+                q, u, k, v, valid, scale_log2, INPUT_PRECISION, UPCAST, BLOCK_T, BLOCK_L
+            )
             # Texts past the split belong to another program: their statistics must not be stored from here.
             texts_ok = rows_ok[:, None] & (offs_t < last_text - text)[None, :]
             if IMAGE_GRADS:
