@@ -24,7 +24,7 @@ import triton.language as tl
 
 from msa.kernels.configs import MAX_BLOCK_L
 from msa.kernels.mscmat_kernels import _product_grads, _texts_exponentials
-from msa.kernels.mscmat_triton import _block_sizes, _cdiv, _input_precision, _prepared, _upcast
+from msa.kernels.mscmat_triton import LOG2_E, _block_sizes, _cdiv, _input_precision, _prepared, _upcast
 from msa.kernels.tiles import load_rows, mma, text_columns
 
 # The tiles bench_gpu_targets times: (texts a program, images a tile, warps). Two 32-word texts is the most that
@@ -168,7 +168,7 @@ def fused_backward(
     fused_backward_kernel[grid](
         q, u, k, v, mask, grad_t, dq, du, dk, dv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *mask_strides, grad_t.stride(0),
-        num_images, num_texts, num_words, scale, scale * 1.4426950408889634, _cdiv(num_images, block_i),
+        num_images, num_texts, num_words, scale, scale * LOG2_E, _cdiv(num_images, block_i),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_L=block_l, HAS_MASK=has_mask,
         INPUT_PRECISION=_input_precision(q.dtype), UPCAST=_upcast(q.dtype), BLOCK_I=block_i,
         BLOCK_T=texts_per_program, num_warps=num_warps, num_stages=num_stages,
