@@ -34,6 +34,7 @@ from msa.kernels.tiles import (
     chunk_rows,
     finalize,
     load_rows,
+    logits_readouts,
     mma,
     softmax_output,
     store_stats,
@@ -59,8 +60,7 @@ def _text_head_out(
         in_bounds, valid = chunk_rows(Mask_text + offs_l * stride_ml, text_ok, offs_l, L, HAS_MASK)
         k = load_rows(K_text + word_tile, valid, d_ok)
         v = load_rows(V_text + word_tile, valid, d_ok)
-        s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-        r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+        s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST)
         return softmax_output(s, r, scale_log2, 1)
     else:  # longer texts: the online softmax over word chunks
         _, _, head_out = _text_stats(
@@ -71,21 +71,29 @@ def _text_head_out(
 
 
 @triton.jit
+def _texts_logits_readouts(
+    q, u, k, v, valid, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """Logits and readouts (see tiles.logits_readouts) of BLOCK_I images against BLOCK_T texts whose words lie side
+    by side in k, v (see text_columns), as [BLOCK_I, BLOCK_T, BLOCK_L]: a reshape, which Triton lowers without
+    moving data, puts each text's words on the last axis."""
+    s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST)
+    rows: tl.constexpr = s.shape[0]
+    return tl.reshape(s, (rows, BLOCK_T, BLOCK_L)), tl.reshape(r, (rows, BLOCK_T, BLOCK_L))
+
+
+@triton.jit
 def _texts_head_out(
     q, u, K_texts, V_texts, word_tile, valid, d_ok, scale_log2,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """o of BLOCK_I images against BLOCK_T texts for one head ([BLOCK_I, BLOCK_T]) from one product per operand
-    pair, [BLOCK_I, Dh] x [Dh, BLOCK_T * BLOCK_L] with the texts' words side by side (see text_columns): a reshape
-    to [BLOCK_I, BLOCK_T, BLOCK_L], which Triton lowers without moving data, puts each text's words on the last
-    axis for the softmax."""
+    pair, [BLOCK_I, Dh] x [Dh, BLOCK_T * BLOCK_L] with the texts' words side by side (see
+    _texts_logits_readouts), the softmax along each text's words."""
     k = load_rows(K_texts + word_tile, valid, d_ok)
     v = load_rows(V_texts + word_tile, valid, d_ok)
-    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-    r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-    rows: tl.constexpr = s.shape[0]
-    s = tl.reshape(s, (rows, BLOCK_T, BLOCK_L))
-    r = tl.reshape(r, (rows, BLOCK_T, BLOCK_L))
+    s, r = _texts_logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, BLOCK_T, BLOCK_L)
     return softmax_output(s, r, scale_log2, 2)
 
 
@@ -190,8 +198,8 @@ def _chunk_products(
     _, valid = chunk_rows(Mask_text + words * stride_ml, text_ok, words, L, HAS_MASK)
     k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
     v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
-    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-    return k, v, s, mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+    s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST)
+    return k, v, s, r
 
 
 @triton.jit
@@ -229,11 +237,7 @@ def _texts_exponentials(
     side in k, v (see text_columns), as [BLOCK_I, BLOCK_T, BLOCK_L] with a text's words on the last axis, and each
     (image, text)'s scaled shift, 1 / denominator and head output o (see finalize): one product per operand pair
     and one exponential pass, which the backward's gradients reuse (see _product_grads)."""
-    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-    r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
-    rows: tl.constexpr = s.shape[0]
-    s = tl.reshape(s, (rows, BLOCK_T, BLOCK_L))
-    r = tl.reshape(r, (rows, BLOCK_T, BLOCK_L))
+    s, r = _texts_logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, BLOCK_T, BLOCK_L)
     m = tl.max(s, axis=2)
     e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, :, None])
     m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=2), tl.sum(e * r, axis=2), scale_log2)

@@ -24,6 +24,14 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def logits_readouts(q, u, k, v, valid, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The raw logits s = q k^T (-inf at words that are not valid) and the readouts r = u v^T of an image tile
+    against a tile of word rows, float32 [images, words]."""
+    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
+    return s, mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+
+
+@triton.jit
 def chunk_rows(mask_ptrs, text_ok, word_ids, L, HAS_MASK: tl.constexpr):
     """(in_bounds, valid) of the BLOCK_L words of a chunk: in_bounds guards the loads, valid (in bounds and not
     masked) selects the words that take part in the softmax."""
