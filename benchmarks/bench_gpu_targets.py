@@ -100,26 +100,28 @@ def fused_backward_rows(shape, backward_ms, rate, repeats, device) -> list[dict]
             return fused_backward(grad, q, u, k, v, texts_per_program=texts, block_i=images, num_warps=warps)
 
         seconds = median_seconds(run, device, repeats, warmup=2)
+        speedup = backward_ms / (seconds * 1e3)
         rows.append(
             {
                 "provider": "triton",
                 "mode": f"fused backward, {texts} texts x {images} images, {warps} warps (vs two kernels "
-                f"{backward_ms / (seconds * 1e3):.2f}x)",
+                f"{speedup:.2f}x)",
                 "median_ms": seconds * 1e3,
                 "tflops": flops / seconds / 1e12,
                 "fraction_of_matmul": flops / seconds / rate,
-                "speedup_vs_two_kernels": backward_ms / (seconds * 1e3),
+                "speedup_vs_two_kernels": speedup,
             }
         )
     for texts in (4, 2):
         seconds = median_seconds(lambda texts=texts: image_side_atomics(q, u, nt, texts), device, repeats, warmup=2)
+        share = seconds * 1e3 / backward_ms
         rows.append(
             {
                 "provider": "triton",
                 "mode": f"fused-backward floor, {texts} texts a program: dq, du atomic adds alone "
-                f"({seconds * 1e3 / backward_ms:.0%} of the backward)",
+                f"({share:.0%} of the backward)",
                 "median_ms": seconds * 1e3,
-                "share_of_backward": seconds * 1e3 / backward_ms,
+                "share_of_backward": share,
                 "texts_per_program": texts,
             }
         )
