@@ -53,7 +53,8 @@ class Spec:
     head_dim: int
     has_mask: bool
     one_chunk: bool
-    tile: tuple[int, ...]  # BLOCK_I, BLOCK_N, num_warps, num_stages (forward: and A_IN_REGISTERS, WIDE)
+    # BLOCK_I, BLOCK_N, num_warps, num_stages (forward: and A_IN_REGISTERS, WIDE, MAX_REGISTERS)
+    tile: tuple[int, ...]
     # The images kernel's work: dq and du (IMAGE_GRADS), the statistics for the words kernel (STORE_STATS).
     image_grads: bool = True
     store_stats: bool = True
@@ -116,13 +117,14 @@ def launched_specs() -> list[Spec]:
 
 
 def report_specs() -> list[Spec]:
-    """Every kernel x every config of its table for bf16 at the benchmark's L = 32 and Dh = 64; the default tiles
-    for Dh = 128, for fp16 and fp32, and for long (chunked) texts."""
+    """Every kernel x every config of its table for bf16 at the benchmark's L = 32 and Dh = 64, the forward's with
+    a word mask as well; the default tiles for Dh = 128, for fp16 and fp32, and for long (chunked) texts."""
     from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES
 
     specs = []
     for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_IMAGES_TILES), ("bwd_words", BWD_WORDS_TILES)):
         specs += [Spec(kernel, "bf16", 32, 64, False, True, tile) for tile in tiles["low"]]
+    specs += [Spec("fwd", "bf16", 32, 64, True, True, tile) for tile in FWD_TILES["low"]]
     for dtype, num_words, head_dim, has_mask in (("bf16", 32, 128, False), ("fp16", 32, 64, False),
                                                  ("fp32", 32, 64, False), ("bf16", 150, 64, True)):  # fmt: skip
         specs += _specs_for(dtype, num_words, head_dim, has_mask, every_tile=False)
@@ -250,6 +252,9 @@ def compile_spec(spec: Spec) -> dict:
 
     fn = _kernel_fn(spec.kernel)
     block_i, block_n, warps, stages = spec.tile[:4]
+    options = {"num_warps": warps, "num_stages": stages}
+    if spec.kernel == "fwd" and spec.tile[6]:
+        options["maxnreg"] = spec.tile[6]  # as the autotuner's Config passes it
     constexprs = {
         "HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "BLOCK_L": spec.block_l, "HAS_MASK": spec.has_mask,
         "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
@@ -274,9 +279,7 @@ def compile_spec(spec: Spec) -> dict:
             constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
             attrs=attrs,
         )
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
-        )
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         ptx = compiled.asm["ptx"]
         ptxas = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
         usage = _ptxas_usage(ptx, os.environ.get("TRITON_PTXAS_PATH", ptxas))
@@ -339,10 +342,12 @@ def _compile_fused_backward() -> list[str]:
 
 
 def _forward_form(tile) -> str:
-    """Where the forward keeps q, u, and whether its products hold all BLOCK_T texts (empty for the backward)."""
-    if len(tile) < 6:
+    """Where the forward keeps q, u, whether its products hold all BLOCK_T texts, and its register cap (empty for
+    the backward)."""
+    if len(tile) < 7:
         return ""
-    return ("registers" if tile[4] else "shared") + (", one product" if tile[5] else "")
+    cap = f", <= {tile[6]} registers" if tile[6] else ""
+    return ("registers" if tile[4] else "shared") + (", one product" if tile[5] else "") + cap
 
 
 def markdown(rows: list[dict], title: str) -> str:

@@ -1,14 +1,16 @@
 """Autotune configurations of the Triton kernels, and the pruning that keeps only those that fit the card.
 
-Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages, A_IN_REGISTERS, WIDE), BLOCK_I images against BLOCK_T
-texts, one text (BLOCK_L words) per product, or with WIDE 1 all BLOCK_T texts in one product per head;
-A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products' A operand, 0 in shared memory.
+Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages, A_IN_REGISTERS, WIDE, MAX_REGISTERS), BLOCK_I images
+against BLOCK_T texts, one text (BLOCK_L words) per product, or with WIDE 1 all BLOCK_T texts in one product per
+head; A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products' A operand, 0 in shared memory;
+MAX_REGISTERS caps the registers per thread (Triton's maxnreg; 0: the compiler's choice).
 Backward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_T texts per product. The lists are in order of
 preference; with autotuning off (MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config
 is dropped before any compile when
 - its products would have more than MAX_BLOCK_L columns (BLOCK_T texts of a long chunk), or
 - its pipelined stages exceed the shared memory of an sm_90 block (SHARED_MEMORY_BUDGET), or
-- its float32 register tiles exceed REGISTER_TILE_BUDGET values per thread (beyond that ptxas spills).
+- its float32 register tiles exceed REGISTER_TILE_BUDGET values per thread (beyond that ptxas spills), or
+- it caps the registers for texts or heads longer than the cap was checked for (CAPPED_MAX_BLOCK_L, _D).
 float32 runs its products on FMA units (no TF32 unless torch allows it) and gets small tiles.
 """
 
@@ -32,6 +34,12 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 # softmax statistics need the rest). From the sm_90 compile report (benchmarks/kernel_report.py): the dq kernel
 # with 128 images on four warps holds 192 such values and spills, the default tiles hold 32-96 and do not.
 REGISTER_TILE_BUDGET = 160
+# A register cap buys a block per SM where the compiler takes a few registers more than a block count allows. Under
+# the caps of FWD_TILES the sm_90 compile report shows no spills (Triton 3.6 and 3.8, with and without a word mask)
+# for chunks of at most 32 words and Dh <= 64, the paper's captions and heads; beyond, every capped tile spilled
+# (48-932 B per thread), so the pruner drops them there.
+CAPPED_MAX_BLOCK_L = 32
+CAPPED_MAX_BLOCK_D = 64
 WARP_SIZE = 32
 
 Tile = tuple[int, ...]
@@ -49,21 +57,24 @@ Tile = tuple[int, ...]
 # the head loop streams q, u and k, v together (two stages), at 124-136 registers and two or one blocks per SM
 # (two texts on eight warps; Triton 3.8 / 3.6), 216-224 and one (four texts), 240-242 and two (four texts, 64
 # images on four warps).
+# The two-text WIDE tile comes again capped at 128 registers, the last candidate (L <= 32, Dh <= 64 only): two blocks
+# per SM where it took 136 (Triton 3.6) or, with a word mask, 142-143 (both) and one.
 FWD_TILES: dict[str, list[Tile]] = {
     "low": [
-        (128, 8, 8, 3, 0, 0),
-        (64, 4, 4, 3, 0, 0),
-        (128, 4, 8, 3, 0, 0),
-        (64, 2, 4, 3, 0, 0),
-        (128, 16, 8, 3, 0, 0),
-        (64, 8, 4, 3, 0, 0),
-        (128, 8, 8, 3, 1, 0),
-        (64, 4, 4, 3, 1, 0),
-        (128, 4, 8, 2, 0, 1),
-        (128, 2, 8, 2, 0, 1),
-        (64, 4, 4, 2, 0, 1),
+        (128, 8, 8, 3, 0, 0, 0),
+        (64, 4, 4, 3, 0, 0, 0),
+        (128, 4, 8, 3, 0, 0, 0),
+        (64, 2, 4, 3, 0, 0, 0),
+        (128, 16, 8, 3, 0, 0, 0),
+        (64, 8, 4, 3, 0, 0, 0),
+        (128, 8, 8, 3, 1, 0, 0),
+        (64, 4, 4, 3, 1, 0, 0),
+        (128, 4, 8, 2, 0, 1, 0),
+        (128, 2, 8, 2, 0, 1, 0),
+        (64, 4, 4, 2, 0, 1, 0),
+        (128, 2, 8, 2, 0, 1, 128),
     ],
-    "fp32": [(32, 4, 4, 2, 0, 0), (64, 4, 4, 2, 0, 0), (32, 8, 4, 2, 0, 0)],
+    "fp32": [(32, 4, 4, 2, 0, 0, 0), (64, 4, 4, 2, 0, 0, 0), (32, 8, 4, 2, 0, 0, 0)],
 }
 # Backward tiles are (BLOCK_I, BLOCK_T, num_warps, num_stages). Both backward kernels chain products (a product's
 # result feeds another), for which Triton gives every warp 16 rows of the tile: BLOCK_I >= 16 x num_warps, or
@@ -95,19 +106,25 @@ def _kwargs(tiles: dict[str, list[Tile]], tile: Tile) -> dict[str, int]:
 def tile_of(config: triton.Config) -> Tile:
     tile = config.kwargs["BLOCK_I"], config.kwargs.get("BLOCK_T", 1), config.num_warps, config.num_stages
     if "A_IN_REGISTERS" in config.kwargs:
-        return (*tile, int(config.kwargs["A_IN_REGISTERS"]), int(config.kwargs["WIDE"]))
+        return (*tile, int(config.kwargs["A_IN_REGISTERS"]), int(config.kwargs["WIDE"]), config.maxnreg or 0)
     return tile
 
 
+def max_registers(tile: Tile, role: str) -> int:
+    """The tile's register cap per thread, 0 for none (only forward tiles have one)."""
+    return tile[6] if role == "fwd" else 0
+
+
 def config_of(tiles: dict[str, list[Tile]], tile: Tile) -> triton.Config:
-    return triton.Config(_kwargs(tiles, tile), num_warps=tile[2], num_stages=tile[3])
+    cap = max_registers(tile, "fwd" if tiles is FWD_TILES else "bwd")
+    return triton.Config(_kwargs(tiles, tile), num_warps=tile[2], num_stages=tile[3], maxnreg=cap or None)
 
 
 def all_configs(tiles: dict[str, list[Tile]]) -> list[triton.Config]:
     if INTERPRET:
         # The interpreter runs every config it is given: one keeps CPU tests fast (a single one is never pruned).
         # The forward's runs with q, u as computed values, the path that differs from a plain load.
-        return [config_of(tiles, (16, 2, 4, 1, 1, 0))]
+        return [config_of(tiles, (16, 2, 4, 1, 1, 0, 0))]
     unique = dict.fromkeys(tile for kind in tiles.values() for tile in kind)
     return [config_of(tiles, tile) for tile in unique]
 
@@ -149,9 +166,11 @@ def register_tile_values(tile: Tile, block_l: int, block_d: int, role: str) -> i
 
 
 def tile_fits(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> bool:
+    capped = max_registers(tile, role) > 0
     return (
         shared_memory_bytes(tile, block_l, block_d, element_bytes, role) <= SHARED_MEMORY_BUDGET
         and register_tile_values(tile, block_l, block_d, role) <= REGISTER_TILE_BUDGET
+        and not (capped and (block_l > CAPPED_MAX_BLOCK_L or block_d > CAPPED_MAX_BLOCK_D))
     )
 
 

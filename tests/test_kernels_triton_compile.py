@@ -119,7 +119,7 @@ def _compile_one(spec: str) -> dict:
 def test_forward_register_operand_tile_uses_the_register_a_form():
     """A_IN_REGISTERS (an autotune candidate) must reach wgmma's register-A form, or it is the shared-memory tile
     with more registers."""
-    row = _compile_one("Spec('fwd', 'bf16', 32, 64, False, True, (128, 8, 8, 3, 1, 0))")
+    row = _compile_one("Spec('fwd', 'bf16', 32, 64, False, True, (128, 8, 8, 3, 1, 0, 0))")
     assert row["mma"] == "wgmma, A in registers" and row["spill_stores"] == 0, row
 
 
@@ -197,3 +197,35 @@ def test_words_kernel_takes_chunks_that_do_not_spill():
     row = _compile_one("_specs_for('bf16', 150, 64, True, every_tile=False)[2]")  # fwd, bwd_images, bwd_words
     assert row["kernel"] == "bwd_words" and "error" not in row, row
     assert row["block_l"] == 64 and row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+
+
+def test_capped_forward_tiles_run_only_where_their_cap_was_checked():
+    """The forward's register-capped candidates compile without spills only for chunks of <= 32 words at Dh <= 64
+    (sm_90 compile report): the pruner keeps them there and nowhere else, and never runs one with autotuning off."""
+    pytest.importorskip("triton")
+    import torch
+
+    from msa.kernels.configs import FWD_TILES, fitting_tiles
+
+    capped = {tile for tile in FWD_TILES["low"] if tile[6]}
+    assert capped
+    for dtype in (torch.bfloat16, torch.float16):
+        kept = fitting_tiles(FWD_TILES, dtype, 32, 64, "fwd")
+        assert capped <= set(kept) and not kept[0][6]
+        assert capped <= set(fitting_tiles(FWD_TILES, dtype, 16, 32, "fwd"))
+        for block_l, block_d in ((64, 64), (32, 128), (128, 64)):
+            assert not capped & set(fitting_tiles(FWD_TILES, dtype, block_l, block_d, "fwd")), (block_l, block_d)
+
+
+def test_capped_forward_tiles_fit_one_block_more_without_spills():
+    """Each register cap must reach ptxas (registers at most the cap), cost no spills, and fit one block per SM more
+    than the same tile uncapped, or it only adds autotuning time. With a word mask, where the uncapped tile takes
+    the most registers."""
+    pytest.importorskip("triton")
+    from msa.kernels.configs import FWD_TILES
+
+    for tile in (tile for tile in FWD_TILES["low"] if tile[6]):
+        capped = _compile_one(f"Spec('fwd', 'bf16', 32, 64, True, True, {tile})")
+        uncapped = _compile_one(f"Spec('fwd', 'bf16', 32, 64, True, True, {tile[:6] + (0,)})")
+        assert capped["registers"] <= tile[6] and capped["spill_stores"] == 0, capped
+        assert capped["ctas_per_sm"] > uncapped["ctas_per_sm"], (capped, uncapped)

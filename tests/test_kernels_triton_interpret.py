@@ -107,8 +107,8 @@ def test_forward_and_gradients_match_reference(triton_module, ni, nt, length, he
 @in_interpreter
 @pytest.mark.parametrize(
     "tile,length,mask_kind",
-    [((16, 2, 4, 1, 0, 1), 7, "masked-texts"), ((16, 4, 4, 1, 1, 1), 30, "random"), ((32, 8, 4, 1, 0, 1), 9, None),
-     ((16, 2, 4, 1, 0, 1), 130, "random")],
+    [((16, 2, 4, 1, 0, 1, 0), 7, "masked-texts"), ((16, 4, 4, 1, 1, 1, 0), 30, "random"),
+     ((32, 8, 4, 1, 0, 1, 0), 9, None), ((16, 2, 4, 1, 0, 1, 128), 130, "random")],
 )  # fmt: skip
 def test_forward_with_every_text_of_a_program_in_one_product(triton_module, tile, length, mask_kind):
     """WIDE forward tiles (an autotune candidate the interpreter's single config does not run): all BLOCK_T texts
