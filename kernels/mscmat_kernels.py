@@ -57,10 +57,12 @@ def _text_head_out(
     valid word; text_ok False makes every word invalid). The softmax runs along the rows of [BLOCK_I, BLOCK_L]
     products: no reshape, no layout change."""
     if ONE_CHUNK:
+        # k, v by bounds alone: loads predicated on the mask loaded in the same pipelined loop held ~37 registers
+        # more (the default tile 113-114 instead of 77-79 on sm_90: two blocks per SM instead of three).
         in_bounds, valid = chunk_rows(Mask_text + offs_l * stride_ml, text_ok, offs_l, L, HAS_MASK)
-        k = load_rows(K_text + word_tile, valid, d_ok)
-        v = load_rows(V_text + word_tile, valid, d_ok)
-        s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST)
+        k = load_rows(K_text + word_tile, in_bounds, d_ok)
+        v = load_rows(V_text + word_tile, in_bounds, d_ok)
+        s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, HAS_MASK)
         return softmax_output(s, r, scale_log2, 1)
     else:  # longer texts: the online softmax over word chunks
         _, _, head_out = _text_stats(
@@ -72,28 +74,29 @@ def _text_head_out(
 
 @triton.jit
 def _texts_logits_readouts(
-    q, u, k, v, valid, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    q, u, k, v, valid, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ZERO_READOUTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """Logits and readouts (see tiles.logits_readouts) of BLOCK_I images against BLOCK_T texts whose words lie side
     by side in k, v (see text_columns), as [BLOCK_I, BLOCK_T, BLOCK_L]: a reshape, which Triton lowers without
     moving data, puts each text's words on the last axis."""
-    s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST)
+    s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, ZERO_READOUTS)
     rows: tl.constexpr = s.shape[0]
     return tl.reshape(s, (rows, BLOCK_T, BLOCK_L)), tl.reshape(r, (rows, BLOCK_T, BLOCK_L))
 
 
 @triton.jit
 def _texts_head_out(
-    q, u, K_texts, V_texts, word_tile, valid, d_ok, scale_log2,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
+    q, u, K_texts, V_texts, word_tile, in_bounds, valid, d_ok, scale_log2,
+    HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """o of BLOCK_I images against BLOCK_T texts for one head ([BLOCK_I, BLOCK_T]) from one product per operand
     pair, [BLOCK_I, Dh] x [Dh, BLOCK_T * BLOCK_L] with the texts' words side by side (see
-    _texts_logits_readouts), the softmax along each text's words."""
-    k = load_rows(K_texts + word_tile, valid, d_ok)
-    v = load_rows(V_texts + word_tile, valid, d_ok)
-    s, r = _texts_logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, BLOCK_T, BLOCK_L)
+    _texts_logits_readouts), the softmax along each text's words. k, v by bounds alone, as in _text_head_out."""
+    k = load_rows(K_texts + word_tile, in_bounds, d_ok)
+    v = load_rows(V_texts + word_tile, in_bounds, d_ok)
+    s, r = _texts_logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, HAS_MASK, BLOCK_T, BLOCK_L)
     return softmax_output(s, r, scale_log2, 2)
 
 
@@ -145,7 +148,7 @@ def mscmat_scores_fwd_kernel(
     V_head = V + first_head * stride_kh
     one_product: tl.constexpr = WIDE and ONE_CHUNK
     if one_product:
-        _, texts_valid, word_rows = text_columns(
+        texts_in_bounds, texts_valid, word_rows = text_columns(
             Mask + first_text * stride_mt, Nt - first_text, L, stride_mt, stride_ml, stride_kt, stride_kl, HAS_MASK,
             BLOCK_T, BLOCK_L,
         )  # fmt: skip
@@ -164,8 +167,8 @@ def mscmat_scores_fwd_kernel(
             u += 0.0
         if one_product:
             acc += _texts_head_out(
-                q, u, K_head, V_head, texts_tile, texts_valid, d_ok, scale_log2, INPUT_PRECISION, UPCAST, BLOCK_T,
-                BLOCK_L,
+                q, u, K_head, V_head, texts_tile, texts_in_bounds, texts_valid, d_ok, scale_log2, HAS_MASK,
+                INPUT_PRECISION, UPCAST, BLOCK_T, BLOCK_L,
             )  # fmt: skip
         else:
             for t in range(BLOCK_T):
@@ -198,7 +201,7 @@ def _chunk_products(
     _, valid = chunk_rows(Mask_text + words * stride_ml, text_ok, words, L, HAS_MASK)
     k = load_rows(K_text + w0 * stride_kl + word_tile, valid, d_ok)
     v = load_rows(V_text + w0 * stride_kl + word_tile, valid, d_ok)
-    s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST)
+    s, r = logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, False)
     return k, v, s, r
 
 
@@ -237,7 +240,7 @@ def _texts_exponentials(
     side in k, v (see text_columns), as [BLOCK_I, BLOCK_T, BLOCK_L] with a text's words on the last axis, and each
     (image, text)'s scaled shift, 1 / denominator and head output o (see finalize): one product per operand pair
     and one exponential pass, which the backward's gradients reuse (see _product_grads)."""
-    s, r = _texts_logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, BLOCK_T, BLOCK_L)
+    s, r = _texts_logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, False, BLOCK_T, BLOCK_L)
     m = tl.max(s, axis=2)
     e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, :, None])
     m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=2), tl.sum(e * r, axis=2), scale_log2)

@@ -24,11 +24,19 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def logits_readouts(q, u, k, v, valid, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def logits_readouts(
+    q, u, k, v, valid, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ZERO_READOUTS: tl.constexpr
+):  # fmt: skip
     """The raw logits s = q k^T (-inf at words that are not valid) and the readouts r = u v^T of an image tile
-    against a tile of word rows, float32 [images, words]."""
+    against a tile of word rows, float32 [images, words]. ZERO_READOUTS sets r to 0 at words that are not valid
+    as well: for k, v loaded by bounds alone (the forward with a word mask), whose masked words may hold anything
+    (NaN, inf); a select drops it from s and r, and nothing multiplies k or v again. Without it the caller loads
+    k, v as zeros there (load_rows with the mask), as the backward must: it multiplies them by dS, dR."""
     s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
-    return s, mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+    r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
+    if ZERO_READOUTS:
+        r = tl.where(valid[None, :], r, 0.0)
+    return s, r
 
 
 @triton.jit
@@ -76,8 +84,9 @@ def softmax_output(s, r, scale_log2, AXIS: tl.constexpr):
 
 @triton.jit
 def load_rows(ptrs, valid, d_ok):
-    """A [BLOCK_L, BLOCK_D] tile of word rows: zeros for masked words, past the text's words and past Dh. Masked
-    words are never read, so whatever they hold (NaN, inf) cannot reach a score or a gradient."""
+    """A [BLOCK_L, BLOCK_D] tile of word rows: zeros where ``valid`` is False and past Dh. With the word mask in
+    ``valid`` (the backward) masked words are never read, so whatever they hold (NaN, inf) cannot reach a score or
+    a gradient; the forward passes bounds alone and drops them in logits_readouts."""
     return tl.load(ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0)
 
 

@@ -95,6 +95,10 @@ def test_default_forward_tile_fits_three_blocks_per_sm(default_rows):
     divisible by 16); without it the same kernel compiled to 255 registers and one block."""
     row = next(r for r in default_rows if r["kernel"] == "fwd" and r["head_dim"] == 64)
     assert row["registers"] <= 85 and row["ctas_per_sm"] == 3, row
+    # With a word mask too: k, v loads predicated on the mask (loaded in the same pipelined loop) took 113-114.
+    masked = _compile_one("_specs_for('bf16', 32, 64, True, every_tile=False)[0]")
+    assert masked["kernel"] == "fwd" and masked["has_mask"], masked
+    assert masked["registers"] <= 85 and masked["ctas_per_sm"] == 3, masked
 
 
 def test_default_tiles_compute_each_row_once(default_rows):

@@ -228,6 +228,20 @@ def test_masked_words_contribute_nothing_whatever_their_values(triton_module):
 
 
 @in_interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the poison, in a product
+@pytest.mark.parametrize("tile", [(16, 2, 4, 1, 0, 0, 0), (16, 2, 4, 1, 1, 0, 0), (16, 4, 4, 1, 0, 1, 0)])
+def test_forward_drops_masked_words_it_loads(triton_module, tile):
+    """The forward loads k, v by bounds alone, masked words included (see tiles.logits_readouts): whatever they
+    hold must not reach a score, one text per product or all of a program's texts in one."""
+    q, u, k, v, mask = (t.detach() for t in make_inputs(5, 7, 9, 2, 16, "masked-texts"))
+    bad_k, bad_v = poison_masked_words(k, v, mask)
+    clean = triton_module._forward(q, u, k, v, mask, 0.25, tile=tile)
+    poisoned = triton_module._forward(q, u, bad_k, bad_v, mask, 0.25, tile=tile)
+    assert torch.isfinite(clean).all()
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+
+
+@in_interpreter
 def test_strided_inputs_and_integer_mask(triton_module):
     """Views with unusual strides (a slice of longer texts, a head-major q) and a 0/1 integer mask."""
     generator = torch.Generator().manual_seed(3)
