@@ -92,8 +92,8 @@ def _specs_for(dtype: str, num_words: int, head_dim: int, has_mask: bool, every_
 
 def launched_specs() -> list[Spec]:
     """What tests/test_ops_gpu.py (autotuning off: the first fitting tile) and bench_gpu_targets.py,
-    bench_backends.py, bench_train_step.py and bench_mscmat.py (autotuned: every fitting tile; L = 32, H = 12,
-    Dh = 64, no mask) launch on a GPU."""
+    bench_backends.py and bench_mscmat.py (autotuned: every fitting tile; L = 32, H = 12, Dh = 64, no mask) and
+    bench_train_step.py (autotuned, bf16: captions of 30 words with a word mask, Dh = 64) launch on a GPU."""
     sys.path.insert(0, str(REPO / "tests"))
     import test_ops_gpu
 
@@ -113,6 +113,7 @@ def launched_specs() -> list[Spec]:
     specs += [dataclasses.replace(images, store_stats=False), dataclasses.replace(images, image_grads=False)]
     for dtype in ("bf16", "fp16", "fp32"):
         specs += _specs_for(dtype, 32, 64, False, every_tile=True)
+    specs += _specs_for("bf16", 30, 64, True, every_tile=True)
     return list(dict.fromkeys(specs))
 
 

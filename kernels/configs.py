@@ -36,8 +36,8 @@ SHARED_MEMORY_BUDGET = 200 * 1024
 REGISTER_TILE_BUDGET = 160
 # A register cap buys a block per SM where the compiler takes a few registers more than a block count allows. Under
 # the caps of FWD_TILES the sm_90 compile report shows no spills (Triton 3.6 and 3.8, with and without a word mask)
-# for chunks of at most 32 words and Dh <= 64, the paper's captions and heads; beyond, every capped tile spilled
-# (48-932 B per thread), so the pruner drops them there.
+# for chunks of at most 32 words and Dh <= 64, the paper's captions and heads; at 64-word chunks, and at Dh 128, the
+# capped tile spilled (112-932 B per thread), so the pruner drops them there.
 CAPPED_MAX_BLOCK_L = 32
 CAPPED_MAX_BLOCK_D = 64
 WARP_SIZE = 32
