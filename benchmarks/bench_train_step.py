@@ -167,7 +167,9 @@ def timed(call, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench(args, device: torch.device, env: dict) -> list[Row]:
+def bench(args, device: torch.device, env: dict, on_case=lambda rows: None) -> list[Row]:
+    """The rows of every case; ``on_case(rows so far)`` after each, so that a run cut by a time limit (the device
+    check's phases) keeps the cases it finished."""
     rows: list[Row] = []
     budget = args.pairs_budget_gib * 2**30
     cases = [(size, batch, mode) for size in args.sizes for batch in args.batches for mode in args.modes]
@@ -224,6 +226,7 @@ def bench(args, device: torch.device, env: dict) -> list[Row]:
             ratios = [t / f for t, f in zip(times, fused_times)] if fused_times and provider != "fused" else []
             rows.append(Row(size, batch_size, mode, provider, statistics.median(times) * 1e3, result["peak"], error, "",
                             env, spread([t * 1e3 for t in times]), spread(ratios), tuple(loads)))  # fmt: skip
+        on_case(rows)
         progress.update()
     progress.close()
     return rows
@@ -297,12 +300,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"providers must be among {PROVIDERS}")
     device = torch.device(args.device)
     env = environment(device) | {"precision": args.precision}
-    rows = bench(args, device, env)
-    table = markdown(rows, env)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_train_step.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
-    (args.out / "bench_train_step.md").write_text(table)
-    print(table)
+
+    def write(rows: list[Row]) -> str:
+        table = markdown(rows, env)
+        (args.out / "bench_train_step.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+        (args.out / "bench_train_step.md").write_text(table)
+        return table
+
+    print(write(bench(args, device, env, on_case=write)))
     return 0
 
 

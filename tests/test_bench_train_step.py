@@ -42,3 +42,27 @@ def test_share_needs_both_modes(bench_train_step):
     rows = [row("tiny", 4, "mscmat", "fused", 2.0, None, None), row("tiny", 4, "step", "fused", 8.0, None, None)]
     assert bench_train_step.mscmat_shares(rows) == {("tiny", 4, "fused"): 0.25}
     assert bench_train_step.mscmat_shares(rows[:1]) == {}
+
+
+def test_each_case_is_written_when_it_ends(bench_train_step, monkeypatch, tmp_path):
+    """A run cut after its first case (the device check's phase limit) keeps that case's rows on disk."""
+    import torch
+
+    def fake_mscmat(model, provider, images, texts, precision):
+        return lambda: torch.ones(2, 2)
+
+    def failing_step(model, provider, batch, precision):
+        def call():
+            raise RuntimeError("cut by the time limit")
+
+        return call
+
+    monkeypatch.setattr(bench_train_step, "leaf_features", lambda model, batch: (None, None))
+    monkeypatch.setattr(bench_train_step, "mscmat_call", fake_mscmat)
+    monkeypatch.setattr(bench_train_step, "step_call", failing_step)
+    argv = ["--sizes", "tiny", "--batches", "2", "--providers", "fused", "--device", "cpu", "--repeats", "1"]
+    with pytest.raises(RuntimeError, match="cut by the time limit"):
+        bench_train_step.main([*argv, "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_train_step.json").read_text())
+    assert [(row["mode"], row["provider"]) for row in rows] == [("mscmat", "fused")]
+    assert "| tiny | 2 |" in (tmp_path / "bench_train_step.md").read_text()
