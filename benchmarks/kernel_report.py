@@ -196,8 +196,13 @@ def _signature(fn, spec: Spec, constexprs: dict) -> dict:
     return signature
 
 
-def _ptxas_usage(ptx: str, ptxas: str) -> dict:
-    """Registers, spill bytes and stack frame of the kernel, from `ptxas -v` on its PTX."""
+def _ptxas_usage(ptx: str) -> dict:
+    """Registers, spill bytes and stack frame of the kernel, from `ptxas -v` on its PTX (Triton's bundled ptxas,
+    or TRITON_PTXAS_PATH as Triton itself takes it)."""
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptxas = os.environ.get("TRITON_PTXAS_PATH", str(bundled))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.ptx"
         path.write_text(ptx)
@@ -251,11 +256,14 @@ def compile_spec(spec: Spec) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from msa.kernels.configs import max_registers
+
     fn = _kernel_fn(spec.kernel)
     block_i, block_n, warps, stages = spec.tile[:4]
     options = {"num_warps": warps, "num_stages": stages}
-    if spec.kernel == "fwd" and spec.tile[6]:
-        options["maxnreg"] = spec.tile[6]  # as the autotuner's Config passes it
+    cap = max_registers(spec.tile, spec.kernel)
+    if cap:
+        options["maxnreg"] = cap  # as the autotuner's Config passes it
     constexprs = {
         "HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "BLOCK_L": spec.block_l, "HAS_MASK": spec.has_mask,
         "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
@@ -282,8 +290,7 @@ def compile_spec(spec: Spec) -> dict:
         )
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         ptx = compiled.asm["ptx"]
-        ptxas = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
-        usage = _ptxas_usage(ptx, os.environ.get("TRITON_PTXAS_PATH", ptxas))
+        usage = _ptxas_usage(ptx)
     except Exception as error:  # noqa: BLE001  (a failed compile is a row of the report)
         cause = error.__cause__ or error
         row["error"] = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
@@ -311,23 +318,19 @@ def _compile_fused_backward() -> list[str]:
     """One line per kernel of fused_backward.py that bench_gpu_targets launches (the atomics alone; the fused
     backward at each of its FUSED_TILES): the sm_90 compile, its registers, spills and atomics; FAILED and why."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    import triton
 
     lines = []
     try:
         import fused_backward
     except Exception as error:  # noqa: BLE001  (a failed import is a line of the report)
         return [f"fused backward kernels: FAILED: {type(error).__name__}: {' '.join(str(error).split())[:300]}"]
-    ptxas = os.environ.get(
-        "TRITON_PTXAS_PATH", str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
-    )
     for name, args in [("atomics alone", ("atomics",))] + [
         (f"fused {tile}", ("fused", *tile)) for tile in fused_backward.FUSED_TILES
     ]:
         try:
             compiled = fused_backward.compile_for_sm90(*args)
             ptx = compiled.asm["ptx"]
-            usage = _ptxas_usage(ptx, ptxas)
+            usage = _ptxas_usage(ptx)
         except Exception as error:  # noqa: BLE001
             cause = error.__cause__ or error
             lines.append(
