@@ -10,7 +10,8 @@ is dropped before any compile when
 - its products would have more than MAX_BLOCK_L columns (BLOCK_T texts of a long chunk), or
 - its pipelined stages exceed the shared memory of an sm_90 block (SHARED_MEMORY_BUDGET), or
 - its float32 register tiles exceed REGISTER_TILE_BUDGET values per thread (beyond that ptxas spills), or
-- it caps the registers for texts or heads longer than the cap was checked for (CAPPED_MAX_BLOCK_L, _D).
+- it caps the registers for texts or heads longer than the cap was checked for (CAPPED_MAX_BLOCK_L, _D), or
+- (float32) its FMA products hold more outputs or do more multiply-adds per thread than ptxas keeps in registers.
 float32 runs its products on FMA units (no TF32 unless torch allows it) and gets small tiles.
 """
 
@@ -41,6 +42,13 @@ REGISTER_TILE_BUDGET = 160
 # capped tile spilled (112-932 B per thread), so the pruner drops them there.
 CAPPED_MAX_BLOCK_L = 32
 CAPPED_MAX_BLOCK_D = 64
+# float32 products run on FMA units, whose operands ptxas keeps in registers for the whole product. sm_90 compile
+# reports of 150 float32 specialisations (L 16-128, Dh 32-128, 16-64 images on 1-8 warps): every one whose products
+# held at most FMA_OUTPUTS_PER_THREAD outputs per thread and whose step (forward: S and R; backward: S, R and two
+# gradient products) did at most FMA_MULTIPLY_ADDS_PER_THREAD multiply-adds per thread spilled at most 28 B; every
+# other one bar a few at Dh 32 spilled 336 B to 39 KB.
+FMA_OUTPUTS_PER_THREAD = 8
+FMA_MULTIPLY_ADDS_PER_THREAD = 2048
 WARP_SIZE = 32
 
 Tile = tuple[int, ...]
@@ -75,7 +83,15 @@ FWD_TILES: dict[str, list[Tile]] = {
         (64, 4, 4, 2, 0, 1, 0),
         (128, 2, 8, 2, 0, 1, 128),
     ],
-    "fp32": [(32, 4, 4, 2, 0, 0, 0), (64, 4, 4, 2, 0, 0, 0), (32, 8, 4, 2, 0, 0, 0)],
+    # float32: 32 images on four warps first (3 blocks per SM at L 32, Dh 64); 16 images on eight warps fit up to
+    # 128-word chunks, 32 on eight up to 64 (see FMA_OUTPUTS_PER_THREAD).
+    "fp32": [
+        (32, 4, 4, 2, 0, 0, 0),
+        (32, 8, 4, 2, 0, 0, 0),
+        (64, 4, 8, 2, 0, 0, 0),
+        (32, 4, 8, 2, 0, 0, 0),
+        (16, 4, 8, 2, 0, 0, 0),
+    ],
 }
 # Backward tiles are (BLOCK_I, BLOCK_T, num_warps, num_stages). Both backward kernels chain products (a product's
 # result feeds another), for which Triton gives every warp 16 rows of the tile: BLOCK_I >= 16 x num_warps, or
@@ -88,11 +104,11 @@ FWD_TILES: dict[str, list[Tile]] = {
 # which wins.
 BWD_IMAGES_TILES: dict[str, list[Tile]] = {
     "low": [(64, 1, 4, 3), (128, 1, 8, 3), (64, 1, 4, 2), (64, 2, 4, 2), (32, 1, 4, 3)],
-    "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
+    "fp32": [(32, 1, 4, 2), (16, 1, 4, 2), (32, 1, 8, 2), (16, 1, 8, 2)],
 }
 BWD_WORDS_TILES: dict[str, list[Tile]] = {
     "low": [(64, 1, 4, 3), (128, 1, 8, 2), (64, 2, 4, 2), (128, 2, 8, 2)],
-    "fp32": [(32, 1, 4, 2), (16, 1, 4, 2)],
+    "fp32": [(32, 1, 4, 2), (16, 1, 4, 2), (32, 1, 8, 2), (16, 1, 8, 2)],
 }
 # Sizes are in the key: the best tile differs between a 128-text batch and a 5465-caption test split.
 AUTOTUNE_KEY = ["Ni", "Nt", "L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION", "UPCAST"]
@@ -166,24 +182,37 @@ def register_tile_values(tile: Tile, block_l: int, block_d: int, role: str) -> i
     return values // (warps * WARP_SIZE)
 
 
+def fma_products_fit(tile: Tile, block_l: int, block_d: int, role: str) -> bool:
+    """Whether the kernel's float32 FMA products stay in registers: outputs per thread of each product and
+    multiply-adds per thread of a step (two products of that size in the forward, four in the backward kernels;
+    the gradient products have as many multiply-adds as S and R)."""
+    outputs = tile[0] * product_words(tile, block_l, role) // (tile[2] * WARP_SIZE)
+    products = 2 if role == "fwd" else 4
+    return outputs <= FMA_OUTPUTS_PER_THREAD and products * outputs * block_d <= FMA_MULTIPLY_ADDS_PER_THREAD
+
+
 def tile_fits(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> bool:
     capped = max_registers(tile, role) > 0
     return (
         shared_memory_bytes(tile, block_l, block_d, element_bytes, role) <= SHARED_MEMORY_BUDGET
         and register_tile_values(tile, block_l, block_d, role) <= REGISTER_TILE_BUDGET
         and not (capped and (block_l > CAPPED_MAX_BLOCK_L or block_d > CAPPED_MAX_BLOCK_D))
+        and (element_bytes != 4 or fma_products_fit(tile, block_l, block_d, role))
     )
 
 
 def fitting_tiles(tiles: dict[str, list[Tile]], dtype: torch.dtype, block_l: int, block_d: int, role: str):
     """The tiles of ``tiles`` for ``dtype`` that fit, in order of preference; never empty: when none fits (long
     texts at a large Dh) the first of the list with products of at most MAX_BLOCK_L words runs, with spills,
-    rather than a small tile that would give up wgmma (64 rows per warpgroup) as well."""
+    rather than a small tile that would give up wgmma (64 rows per warpgroup) as well; in float32 (no wgmma) the
+    one whose products hold the fewest outputs per thread, which spills least."""
     wanted = tiles["fp32" if dtype == torch.float32 else "low"]
     wanted = [tile for tile in wanted if product_words(tile, block_l, role) <= MAX_BLOCK_L]
     element_bytes = torch.finfo(dtype).bits // 8
     kept = [tile for tile in wanted if tile_fits(tile, block_l, block_d, element_bytes, role)]
-    return kept or wanted[:1]
+    if kept or dtype != torch.float32:
+        return kept or wanted[:1]
+    return [min(wanted, key=lambda tile: tile[0] * product_words(tile, block_l, role) / tile[2])]
 
 
 @functools.cache  # the backward's host code asks on every call: 2.5-7 us computed, ~0.1 us looked up

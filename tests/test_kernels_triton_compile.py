@@ -233,3 +233,43 @@ def test_capped_forward_tiles_fit_one_block_more_without_spills():
         uncapped = _compile_one(f"Spec('fwd', 'bf16', 32, 64, True, True, {tile[:6] + (0,)})")
         assert capped["registers"] <= tile[6] and capped["spill_stores"] == 0, capped
         assert capped["ctas_per_sm"] > uncapped["ctas_per_sm"], (capped, uncapped)
+
+
+def test_float32_pruner_keeps_a_tile_for_long_texts_and_large_heads():
+    """float32 FMA products: the pruner drops tiles with more than 8 outputs or 2048 multiply-adds per thread (they
+    spilled 336 B to 39 KB on the sm_90 report) and still keeps one for texts of 128 words or heads of 128."""
+    pytest.importorskip("triton")
+    import torch
+
+    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, fitting_tiles, words_chunk
+
+    fp32 = torch.float32
+    assert (64, 4, 4, 2, 0, 0, 0) not in fitting_tiles(FWD_TILES, fp32, 32, 64, "fwd")
+    assert fitting_tiles(FWD_TILES, fp32, 32, 64, "fwd")[0] == FWD_TILES["fp32"][0]
+    assert fitting_tiles(FWD_TILES, fp32, 64, 64, "fwd") == [(32, 4, 8, 2, 0, 0, 0), (16, 4, 8, 2, 0, 0, 0)]
+    assert fitting_tiles(FWD_TILES, fp32, 128, 64, "fwd") == [(16, 4, 8, 2, 0, 0, 0)]
+    assert fitting_tiles(BWD_IMAGES_TILES, fp32, 64, 128, "bwd_images") == [(16, 1, 8, 2)]
+    assert words_chunk(fp32, 128, 128) == 64 and words_chunk(fp32, 64, 64) == 64
+    # Nothing fits 128-word chunks at Dh 128: the fewest outputs per thread, not the default tile.
+    assert fitting_tiles(FWD_TILES, fp32, 128, 128, "fwd") == [(16, 4, 8, 2, 0, 0, 0)]
+    # bfloat16 is unchanged by the float32 rule.
+    assert fitting_tiles(BWD_WORDS_TILES, torch.bfloat16, 32, 64, "bwd_words") == BWD_WORDS_TILES["low"]
+
+
+def test_float32_tiles_the_pruner_keeps_stay_in_registers():
+    """Every float32 tile the pruner keeps for 64-word texts at Dh 128 and 128-word texts at Dh 64, each kernel,
+    compiles for sm_90 with at most 32 B of spills per thread (the tiles it drops there spill kilobytes)."""
+    pytest.importorskip("triton")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
+        "specs = kr._specs_for('fp32', 64, 128, True, every_tile=True) + "
+        "kr._specs_for('fp32', 128, 64, True, every_tile=True)\n"
+        "print(json.dumps(kr._compile_all(specs, 2)))\n"
+    )
+    rows = json.loads(_last_line_in_child(code, str(REPO / "benchmarks")))
+    if any("ASTSource" in row.get("error", "") for row in rows):
+        pytest.skip("no offline compiler API")
+    assert {row["kernel"] for row in rows} == {"fwd", "bwd_images", "bwd_words"} and len(rows) >= 7, rows
+    for row in rows:
+        assert "error" not in row, row
+        assert row["spill_stores"] <= 32 and row["spill_loads"] <= 32, row
