@@ -235,19 +235,22 @@ def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
 
 
 def replicated_products(ttgir: str) -> bool:
-    """Whether a tensor-core product's layout covers more rows or columns than its result has, so that several
-    warps compute the same elements. Triton gives every warp of a kernel with chained products (both backward
-    kernels) 16 rows of them: with BLOCK_I < 16 x num_warps the products and the softmax around them run twice."""
-    layouts = {}
+    """Whether a product's layout covers more rows or columns than its result has, so that several warps (or
+    threads) compute the same elements. Triton gives every warp of a kernel with chained products (both backward
+    kernels) 16 rows of its tensor-core products: with BLOCK_I < 16 x num_warps the products and the softmax around
+    them run twice. float32 products (FMA units) have blocked layouts, whose threads and warps can as well
+    outnumber the result's elements."""
+    cover = {}
     for name, body in re.findall(r"^#(mma\d*) = #ttg\.nvidia_mma<\{(.*)\}>", ttgir, re.MULTILINE):
         warps = re.search(r"warpsPerCTA = \[(\d+), (\d+)\]", body).groups()
         instr = re.search(r"instrShape = \[(\d+), (\d+)", body).groups()
-        layouts[name] = [int(x) for x in warps], [int(x) for x in instr]
-    for rows, cols, name in re.findall(r"(?:warp_group_dot|tt\.dot) .*-> tensor<(\d+)x(\d+)xf32, #(mma\d*)>", ttgir):
-        (warp_rows, warp_cols), (instr_rows, instr_cols) = layouts[name]
-        if warp_rows * instr_rows > int(rows) or warp_cols * instr_cols > int(cols):
-            return True
-    return False
+        cover[name] = [int(w) * int(i) for w, i in zip(warps, instr)]
+    for name, body in re.findall(r"^#(blocked\d*) = #ttg\.blocked<\{(.*)\}>", ttgir, re.MULTILINE):
+        sizes = [re.search(rf"{field} = \[([\d, ]+)\]", body).group(1).split(", ")
+                 for field in ("sizePerThread", "threadsPerWarp", "warpsPerCTA")]  # fmt: skip
+        cover[name] = [int(a) * int(b) * int(c) for a, b, c in zip(*sizes)]
+    dots = re.findall(r"(?:warp_group_dot|tt\.dot) .*-> tensor<(\d+)x(\d+)xf32, #((?:mma|blocked)\d*)>", ttgir)
+    return any(cover[name][0] > int(rows) or cover[name][1] > int(cols) for rows, cols, name in dots)
 
 
 def compile_spec(spec: Spec) -> dict:

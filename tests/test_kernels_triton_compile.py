@@ -135,6 +135,25 @@ def test_report_flags_rows_computed_by_several_warps():
     assert not _compile_one("Spec('bwd_words', 'bf16', 32, 64, False, True, (128, 1, 8, 3))")["replicated"]
 
 
+def test_report_sees_replicated_fma_products():
+    """float32 products have blocked layouts: one whose warps cover 128 columns of a 64-column result computes
+    every element twice."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from kernel_report import replicated_products
+
+    def ttgir(warps: str) -> str:
+        return (
+            "#blocked1 = #ttg.blocked<{sizePerThread = [2, 2], threadsPerWarp = [1, 32], warpsPerCTA = ["
+            + warps
+            + "], order = [1, 0]}>\n"
+            "    %5 = tt.dot %3, %4, %2 : tensor<16x128xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked1}>> * "
+            "tensor<128x64xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked1}>> -> tensor<16x64xf32, #blocked1>\n"
+        )
+
+    assert not replicated_products(ttgir("8, 1"))
+    assert replicated_products(ttgir("4, 2"))
+
+
 def test_host_code_traces_with_fake_tensors():
     """torch.compile's first step runs the op's host code on fake tensors and records each kernel launch; no GPU
     needed. The forward and backward must trace, with and without their splits and text blocks."""
@@ -273,3 +292,4 @@ def test_float32_tiles_the_pruner_keeps_stay_in_registers():
     for row in rows:
         assert "error" not in row, row
         assert row["spill_stores"] <= 32 and row["spill_loads"] <= 32, row
+        assert not row["replicated"], row
