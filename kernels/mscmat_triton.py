@@ -1,8 +1,9 @@
 """Registration of the Triton kernels as the custom ops ``msa::mscmat_scores_triton`` (forward) and
 ``msa::mscmat_scores_triton_backward``, with autograd, so that ``torch.compile`` and ``opcheck`` see through them,
 and the public function :func:`mscmat_scores_triton`. The kernels are in ``mscmat_kernels.py``, their tile helpers
-in ``tiles.py``, the autotune configurations in ``configs.py``. float32 inputs use TF32 tensor cores only when
-``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmul does."""
+in ``tiles.py``, the autotune configurations in ``configs.py``. float32 inputs use TF32 tensor cores only where
+torch's own float32 matmul would (``torch.backends.cuda.matmul.fp32_precision`` "tf32", or ``allow_tf32`` before
+torch 2.9)."""
 
 from __future__ import annotations
 
@@ -72,8 +73,19 @@ def _head_splits(num_images: int, num_texts: int, heads: int) -> tuple[int, int]
     return _splits(tiles, heads)
 
 
+def _tf32_allowed() -> bool:
+    """Whether torch lets float32 CUDA matmuls use TF32. From torch 2.9 on the answer is fp32_precision (which the
+    legacy allow_tf32 and set_float32_matmul_precision also set): reading allow_tf32 raises once a program has used
+    the newer API (``torch.backends.fp32_precision = "tf32"``)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+
+
 def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _tf32_allowed():
         return "ieee"
     return "tf32"
 
