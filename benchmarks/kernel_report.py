@@ -40,7 +40,9 @@ SM90_WARPS = 64
 SM90_BLOCKS = 32
 REGISTER_UNIT = 256
 KERNELS = ("fwd", "bwd_images", "bwd_words")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Input dtypes by label; "tf32" is float32 multiplied on tensor cores (torch's TF32 setting on), "fp32" on FMA units.
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "tf32": "float32"}
+POINTER_TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "tf32": "fp32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Spec:
     """One compile: a kernel, the input dtype, the constexprs that depend on the shape, and a tile."""
 
     kernel: str  # one of KERNELS
-    dtype: str  # bf16, fp16, fp32
+    dtype: str  # a DTYPES label: bf16, fp16, fp32, tf32
     block_l: int
     head_dim: int
     has_mask: bool
@@ -74,20 +76,28 @@ def _specs_for(dtype: str, num_words: int, head_dim: int, has_mask: bool, every_
     """The specialisations one call of the op (forward and backward) compiles for these inputs."""
     import torch
 
-    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, fitting_tiles, words_chunk
+    from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, fitting_tiles, tile_kind, words_chunk
 
     block_l = _block_l(num_words)
-    torch_dtype = getattr(torch, DTYPES[dtype])
     one_chunk = num_words <= block_l
     block_d = Spec("fwd", dtype, block_l, head_dim, has_mask, one_chunk, (0, 0, 0, 0)).block_d
+
+    def kind(words: int) -> str:
+        return tile_kind(getattr(torch, DTYPES[dtype]), _input_precision(dtype), words, block_d)
+
     specs = []
     for kernel, tiles in (("fwd", FWD_TILES), ("bwd_images", BWD_IMAGES_TILES), ("bwd_words", BWD_WORDS_TILES)):
         # The dk/dv kernel takes its own chunks of a long text (words_chunk).
-        chunk = words_chunk(torch_dtype, block_l, block_d) if kernel == "bwd_words" else block_l
-        fitting = fitting_tiles(tiles, torch_dtype, chunk, block_d, kernel)
+        chunk = words_chunk(kind(block_l), block_l, block_d) if kernel == "bwd_words" else block_l
+        fitting = fitting_tiles(tiles, kind(chunk), chunk, block_d, kernel)
         for tile in fitting if every_tile else fitting[:1]:
             specs.append(Spec(kernel, dtype, chunk, head_dim, has_mask, one_chunk, tile))
     return specs
+
+
+def _input_precision(dtype: str) -> str:
+    """The kernels' INPUT_PRECISION for a dtype label (as mscmat_triton._input_precision picks it)."""
+    return "ieee" if dtype == "fp32" else "tf32"
 
 
 def launched_specs() -> list[Spec]:
@@ -102,10 +112,10 @@ def launched_specs() -> list[Spec]:
     for dtype, (_, _, length, _, head_dim, mask_kind) in test_ops_gpu.PARITY:
         specs += _specs_for(names[str(dtype)], length, head_dim, mask_kind is not None, every_tile=False)
     # The other GPU tests: every word masked, 64-bit offsets, a large image x text matrix, opcheck,
-    # torch.compile, the current stream.
+    # torch.compile, the current stream, float32 with TF32 on and off.
     for dtype, length, head_dim, has_mask in (
         ("fp16", 9, 64, True), ("bf16", 32, 64, False), ("fp16", 32, 32, True), ("bf16", 7, 32, True),
-        ("bf16", 12, 32, True), ("fp16", 16, 64, True),
+        ("bf16", 12, 32, True), ("fp16", 16, 64, True), ("tf32", 19, 64, True), ("fp32", 19, 64, True),
     ):  # fmt: skip
         specs += _specs_for(dtype, length, head_dim, has_mask, every_tile=False)
     # Only some gradients asked for (bf16, L 13, Dh 64, masked): the images kernel without dk, dv or without dq, du.
@@ -119,7 +129,7 @@ def launched_specs() -> list[Spec]:
 
 def report_specs() -> list[Spec]:
     """Every kernel x every config of its table for bf16 at the benchmark's L = 32 and Dh = 64, the forward's with
-    a word mask as well; the default tiles for Dh = 128, for fp16 and fp32, and for long (chunked) texts."""
+    a word mask as well; the default tiles for Dh = 128, for fp16, fp32 and TF32, and for long (chunked) texts."""
     from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES
 
     specs = []
@@ -127,7 +137,8 @@ def report_specs() -> list[Spec]:
         specs += [Spec(kernel, "bf16", 32, 64, False, True, tile) for tile in tiles["low"]]
     specs += [Spec("fwd", "bf16", 32, 64, True, True, tile) for tile in FWD_TILES["low"]]
     for dtype, num_words, head_dim, has_mask in (("bf16", 32, 128, False), ("fp16", 32, 64, False),
-                                                 ("fp32", 32, 64, False), ("bf16", 150, 64, True)):  # fmt: skip
+                                                 ("fp32", 32, 64, False), ("tf32", 32, 64, False),
+                                                 ("bf16", 150, 64, True)):  # fmt: skip
         specs += _specs_for(dtype, num_words, head_dim, has_mask, every_tile=False)
     return list(dict.fromkeys(specs))
 
@@ -184,11 +195,11 @@ def _signature(fn, spec: Spec, constexprs: dict) -> dict:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name == "Mask":
-            signature[name] = "*u8" if spec.has_mask else "*" + spec.dtype
+            signature[name] = "*u8" if spec.has_mask else "*" + POINTER_TYPES[spec.dtype]
         elif name == "Stats":  # float32; without statistics to store the launch passes q in its place
-            signature[name] = "*fp32" if spec.store_stats else "*" + spec.dtype
+            signature[name] = "*fp32" if spec.store_stats else "*" + POINTER_TYPES[spec.dtype]
         elif name in POINTERS:
-            signature[name] = "*" + spec.dtype
+            signature[name] = "*" + POINTER_TYPES[spec.dtype]
         elif name.startswith("scale"):
             signature[name] = "fp32"
         else:
@@ -269,7 +280,7 @@ def compile_spec(spec: Spec) -> dict:
         options["maxnreg"] = cap  # as the autotuner's Config passes it
     constexprs = {
         "HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "BLOCK_L": spec.block_l, "HAS_MASK": spec.has_mask,
-        "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": "ieee" if spec.dtype == "fp32" else "tf32",
+        "ONE_CHUNK": spec.one_chunk, "INPUT_PRECISION": _input_precision(spec.dtype),
         "UPCAST": False, "BLOCK_I": block_i, "BLOCK_N": block_n, "BLOCK_T": block_n,
         "A_IN_REGISTERS": spec.kernel == "fwd" and bool(spec.tile[4]),
         "WIDE": spec.kernel == "fwd" and bool(spec.tile[5]),

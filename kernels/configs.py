@@ -4,15 +4,16 @@ Forward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages, A_IN_REGISTERS, WIDE, MA
 against BLOCK_T texts, one text (BLOCK_L words) per product, or with WIDE 1 all BLOCK_T texts in one product per
 head; A_IN_REGISTERS 1 keeps the image tile's q, u in registers as the products' A operand, 0 in shared memory;
 MAX_REGISTERS caps the registers per thread (Triton's maxnreg; 0: the compiler's choice).
-Backward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_T texts per product. The lists are in order of
-preference; with autotuning off (MSA_TRITON_AUTOTUNE=0, as in the tests) the first one that fits runs. A config
-is dropped before any compile when
+Backward tile: (BLOCK_I, BLOCK_T, num_warps, num_stages), BLOCK_T texts per product. Each table has a list per
+kind of product (tile_kind): "low" (bf16, fp16 on tensor cores), "tf32" (float32 on tensor cores where torch
+allows TF32, for the texts and heads its tiles were checked at) and "fp32" (float32 on FMA units, and TF32
+elsewhere). The lists are in order of preference; with autotuning off (MSA_TRITON_AUTOTUNE=0, as in the tests)
+the first one that fits runs. A config is dropped before any compile when
 - its products would have more than MAX_BLOCK_L columns (BLOCK_T texts of a long chunk), or
 - its pipelined stages exceed the shared memory of an sm_90 block (SHARED_MEMORY_BUDGET), or
 - its float32 register tiles exceed REGISTER_TILE_BUDGET values per thread (beyond that ptxas spills), or
 - it caps the registers for texts or heads longer than the cap was checked for (CAPPED_MAX_BLOCK_L, _D), or
 - (float32) its FMA products hold more outputs or do more multiply-adds per thread than ptxas keeps in registers.
-float32 runs its products on FMA units (no TF32 unless torch allows it) and gets small tiles.
 """
 
 from __future__ import annotations
@@ -83,6 +84,20 @@ FWD_TILES: dict[str, list[Tile]] = {
         (64, 4, 4, 2, 0, 1, 0),
         (128, 2, 8, 2, 0, 1, 128),
     ],
+    # TF32 (wgmma at four bytes an element): the 16-bit list less the tiles that spilled (64-image WIDE 52-244 B,
+    # the capped one 172-176 B) or exceed shared memory (four-text WIDE, 256 KB); the default 116 registers, 112 KB,
+    # two blocks per SM (Triton 3.8, L 32, Dh 64).
+    "tf32": [
+        (128, 8, 8, 3, 0, 0, 0),
+        (64, 4, 4, 3, 0, 0, 0),
+        (128, 4, 8, 3, 0, 0, 0),
+        (64, 2, 4, 3, 0, 0, 0),
+        (128, 16, 8, 3, 0, 0, 0),
+        (64, 8, 4, 3, 0, 0, 0),
+        (128, 8, 8, 3, 1, 0, 0),
+        (64, 4, 4, 3, 1, 0, 0),
+        (128, 2, 8, 2, 0, 1, 0),
+    ],
     # float32: 32 images on four warps first (3 blocks per SM at L 32, Dh 64); 16 images on eight warps fit up to
     # 128-word chunks, 32 on eight up to 64 (see FMA_OUTPUTS_PER_THREAD).
     "fp32": [
@@ -104,14 +119,38 @@ FWD_TILES: dict[str, list[Tile]] = {
 # which wins.
 BWD_IMAGES_TILES: dict[str, list[Tile]] = {
     "low": [(64, 1, 4, 3), (128, 1, 8, 3), (64, 1, 4, 2), (64, 2, 4, 2), (32, 1, 4, 3)],
+    # TF32: two texts spilled 320 B; 32 images on four warps computed rows twice.
+    "tf32": [(64, 1, 4, 3), (128, 1, 8, 3), (64, 1, 4, 2)],
     "fp32": [(32, 1, 4, 2), (16, 1, 4, 2), (32, 1, 8, 2), (16, 1, 8, 2)],
 }
 BWD_WORDS_TILES: dict[str, list[Tile]] = {
     "low": [(64, 1, 4, 3), (128, 1, 8, 2), (64, 2, 4, 2), (128, 2, 8, 2)],
+    # TF32: the 16-bit default (64 images, four warps) spilled 4 B with a word mask under Triton 3.6.
+    "tf32": [(128, 1, 8, 2), (64, 2, 4, 2), (128, 2, 8, 2)],
     "fp32": [(32, 1, 4, 2), (16, 1, 4, 2), (32, 1, 8, 2), (16, 1, 8, 2)],
 }
 # Sizes are in the key: the best tile differs between a 128-text batch and a 5465-caption test split.
 AUTOTUNE_KEY = ["Ni", "Nt", "L", "H", "HEAD_DIM", "HAS_MASK", "INPUT_PRECISION", "UPCAST"]
+
+
+# Bytes of an operand element per kind of product.
+ELEMENT_BYTES = {"low": 2, "tf32": 4, "fp32": 4}
+# The TF32 tiles compile without spills, each product computed once, for chunks of <= 32 words at a padded Dh of 64
+# (sm_90 compile report): at 64-word chunks or Dh 128 they spilled 20 B to 1.2 KB per thread or outgrew shared
+# memory (Triton stages float32 q, u there for register-A tiles as well), at Dh 32 the words kernel spilled and
+# computed its rows twice. Elsewhere TF32 products take the float32 list's small tiles.
+TF32_MAX_BLOCK_L = 32
+TF32_BLOCK_D = 64
+
+
+def tile_kind(dtype: torch.dtype, input_precision: str, block_l: int, block_d: int) -> str:
+    """The tile list that serves inputs of ``dtype`` multiplied at ``input_precision`` (the kernels'
+    INPUT_PRECISION) in products of ``block_l`` words at a padded head dim ``block_d``: "low" for bf16 and fp16,
+    "tf32" for float32 on tensor cores where its tiles were checked, else "fp32"."""
+    if dtype != torch.float32:
+        return "low"
+    tf32_tiles = input_precision == "tf32" and block_l <= TF32_MAX_BLOCK_L and block_d == TF32_BLOCK_D
+    return "tf32" if tf32_tiles else "fp32"
 
 
 def _kwargs(tiles: dict[str, list[Tile]], tile: Tile) -> dict[str, int]:
@@ -191,40 +230,36 @@ def fma_products_fit(tile: Tile, block_l: int, block_d: int, role: str) -> bool:
     return outputs <= FMA_OUTPUTS_PER_THREAD and products * outputs * block_d <= FMA_MULTIPLY_ADDS_PER_THREAD
 
 
-def tile_fits(tile: Tile, block_l: int, block_d: int, element_bytes: int, role: str) -> bool:
+def tile_fits(tile: Tile, block_l: int, block_d: int, kind: str, role: str) -> bool:
     capped = max_registers(tile, role) > 0
     return (
-        shared_memory_bytes(tile, block_l, block_d, element_bytes, role) <= SHARED_MEMORY_BUDGET
+        shared_memory_bytes(tile, block_l, block_d, ELEMENT_BYTES[kind], role) <= SHARED_MEMORY_BUDGET
         and register_tile_values(tile, block_l, block_d, role) <= REGISTER_TILE_BUDGET
         and not (capped and (block_l > CAPPED_MAX_BLOCK_L or block_d > CAPPED_MAX_BLOCK_D))
-        and (element_bytes != 4 or fma_products_fit(tile, block_l, block_d, role))
+        and (kind != "fp32" or fma_products_fit(tile, block_l, block_d, role))
     )
 
 
-def fitting_tiles(tiles: dict[str, list[Tile]], dtype: torch.dtype, block_l: int, block_d: int, role: str):
-    """The tiles of ``tiles`` for ``dtype`` that fit, in order of preference; never empty: when none fits (long
-    texts at a large Dh) the first of the list with products of at most MAX_BLOCK_L words runs, with spills,
-    rather than a small tile that would give up wgmma (64 rows per warpgroup) as well; in float32 (no wgmma) the
-    one whose products hold the fewest outputs per thread, which spills least."""
-    wanted = tiles["fp32" if dtype == torch.float32 else "low"]
-    wanted = [tile for tile in wanted if product_words(tile, block_l, role) <= MAX_BLOCK_L]
-    element_bytes = torch.finfo(dtype).bits // 8
-    kept = [tile for tile in wanted if tile_fits(tile, block_l, block_d, element_bytes, role)]
-    if kept or dtype != torch.float32:
+def fitting_tiles(tiles: dict[str, list[Tile]], kind: str, block_l: int, block_d: int, role: str):
+    """The tiles of ``tiles`` for products of ``kind`` (see tile_kind) that fit, in order of preference; never
+    empty: when none fits (long texts at a large Dh) the first of the list with products of at most MAX_BLOCK_L
+    words runs, with spills, rather than a small tile that would give up wgmma (64 rows per warpgroup) as well; on
+    FMA units (no wgmma) the one whose products hold the fewest outputs per thread, which spills least."""
+    wanted = [tile for tile in tiles[kind] if product_words(tile, block_l, role) <= MAX_BLOCK_L]
+    kept = [tile for tile in wanted if tile_fits(tile, block_l, block_d, kind, role)]
+    if kept or kind != "fp32":
         return kept or wanted[:1]
     return [min(wanted, key=lambda tile: tile[0] * product_words(tile, block_l, role) / tile[2])]
 
 
 @functools.cache  # the backward's host code asks on every call: 2.5-7 us computed, ~0.1 us looked up
-def words_chunk(dtype: torch.dtype, block_l: int, block_d: int) -> int:
-    """Words per program of the dk/dv kernel: ``block_l`` halved while none of its tiles fits. Its softmax is
-    elementwise (the statistics come from the dq/du kernel), so its chunks need not be the forward's; its dk, dv
-    accumulators grow with the chunk, and at 128 words every tile spilled (Dh = 64: 52-772 B per thread on the
-    sm_90 compile report), at 64 none."""
-    wanted = BWD_WORDS_TILES["fp32" if dtype == torch.float32 else "low"]
-    element_bytes = torch.finfo(dtype).bits // 8
+def words_chunk(kind: str, block_l: int, block_d: int) -> int:
+    """Words per program of the dk/dv kernel for products of ``kind`` (see tile_kind): ``block_l`` halved while
+    none of its tiles fits. Its softmax is elementwise (the statistics come from the dq/du kernel), so its chunks
+    need not be the forward's; its dk, dv accumulators grow with the chunk, and at 128 words every tile spilled
+    (bf16, Dh = 64: 52-772 B per thread on the sm_90 compile report), at 64 none."""
     while block_l > MIN_PRODUCT_WORDS and not any(
-        tile_fits(tile, block_l, block_d, element_bytes, "bwd_words") for tile in wanted
+        tile_fits(tile, block_l, block_d, kind, "bwd_words") for tile in BWD_WORDS_TILES[kind]
     ):
         block_l //= 2
     return block_l
@@ -236,8 +271,10 @@ def pruner(tiles: dict[str, list[Tile]], role: str):
     def prune(configs, named_args, **kwargs):
         block_l = kwargs.get("BLOCK_L", named_args.get("BLOCK_L"))
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        precision = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION"))
+        kind = tile_kind(named_args["Q"].dtype, precision, block_l, block_d)
         by_tile = {tile_of(config): config for config in configs}
-        fitting = fitting_tiles(tiles, named_args["Q"].dtype, block_l, block_d, role)
+        fitting = fitting_tiles(tiles, kind, block_l, block_d, role)
         kept = [by_tile[tile] for tile in fitting if tile in by_tile]
         if os.environ.get("MSA_TRITON_AUTOTUNE", "1") == "0":
             return kept[:1]

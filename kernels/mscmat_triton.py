@@ -13,7 +13,15 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from msa._autograd import register_scores_autograd
-from msa.kernels.configs import FWD_TILES, INTERPRET, MAX_BLOCK_L, MIN_PRODUCT_WORDS, config_of, words_chunk
+from msa.kernels.configs import (
+    FWD_TILES,
+    INTERPRET,
+    MAX_BLOCK_L,
+    MIN_PRODUCT_WORDS,
+    config_of,
+    tile_kind,
+    words_chunk,
+)
 from msa.kernels.mscmat_kernels import (
     FWD_IMAGE_GROUP,
     mscmat_scores_bwd_images_kernel,
@@ -248,7 +256,7 @@ def _backward_texts(q, u, k, v, mask, mask_strides, has_mask, grad_t, scale, gra
         dq.copy_(dq_parts.sum(0))
         du.copy_(du_parts.sum(0))
     if words_grads:
-        words_l = words_chunk(q.dtype, block_l, block_d)
+        words_l = words_chunk(tile_kind(q.dtype, common["INPUT_PRECISION"], block_l, block_d), block_l, block_d)
 
         def words_grid(meta):
             return (_cdiv(num_texts, meta["BLOCK_T"]) * _cdiv(num_words, words_l), heads)

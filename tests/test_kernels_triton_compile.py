@@ -211,12 +211,10 @@ def test_words_kernel_takes_chunks_that_do_not_spill():
     """Texts longer than 64 words: the dk/dv kernel takes 64-word chunks at Dh = 64 (every tile of 128 words
     spilled 52-772 B per thread); its default tile then compiles without spills."""
     pytest.importorskip("triton")
-    import torch
-
     from msa.kernels.configs import words_chunk
 
-    assert words_chunk(torch.bfloat16, 128, 64) == 64 and words_chunk(torch.bfloat16, 32, 64) == 32
-    assert words_chunk(torch.bfloat16, 128, 128) == 64 and words_chunk(torch.float16, 64, 64) == 64
+    assert words_chunk("low", 128, 64) == 64 and words_chunk("low", 32, 64) == 32
+    assert words_chunk("low", 128, 128) == 64 and words_chunk("low", 64, 64) == 64
     row = _compile_one("_specs_for('bf16', 150, 64, True, every_tile=False)[2]")  # fwd, bwd_images, bwd_words
     assert row["kernel"] == "bwd_words" and "error" not in row, row
     assert row["block_l"] == 64 and row["spill_stores"] == 0 and row["spill_loads"] == 0, row
@@ -226,18 +224,15 @@ def test_capped_forward_tiles_run_only_where_their_cap_was_checked():
     """The forward's register-capped candidates compile without spills only for chunks of <= 32 words at Dh <= 64
     (sm_90 compile report): the pruner keeps them there and nowhere else, and never runs one with autotuning off."""
     pytest.importorskip("triton")
-    import torch
-
     from msa.kernels.configs import FWD_TILES, fitting_tiles
 
     capped = {tile for tile in FWD_TILES["low"] if tile[6]}
     assert capped
-    for dtype in (torch.bfloat16, torch.float16):
-        kept = fitting_tiles(FWD_TILES, dtype, 32, 64, "fwd")
-        assert capped <= set(kept) and not kept[0][6]
-        assert capped <= set(fitting_tiles(FWD_TILES, dtype, 16, 32, "fwd"))
-        for block_l, block_d in ((64, 64), (32, 128), (128, 64)):
-            assert not capped & set(fitting_tiles(FWD_TILES, dtype, block_l, block_d, "fwd")), (block_l, block_d)
+    kept = fitting_tiles(FWD_TILES, "low", 32, 64, "fwd")
+    assert capped <= set(kept) and not kept[0][6]
+    assert capped <= set(fitting_tiles(FWD_TILES, "low", 16, 32, "fwd"))
+    for block_l, block_d in ((64, 64), (32, 128), (128, 64)):
+        assert not capped & set(fitting_tiles(FWD_TILES, "low", block_l, block_d, "fwd")), (block_l, block_d)
 
 
 def test_capped_forward_tiles_fit_one_block_more_without_spills():
@@ -258,11 +253,9 @@ def test_float32_pruner_keeps_a_tile_for_long_texts_and_large_heads():
     """float32 FMA products: the pruner drops tiles with more than 8 outputs or 2048 multiply-adds per thread (they
     spilled 336 B to 39 KB on the sm_90 report) and still keeps one for texts of 128 words or heads of 128."""
     pytest.importorskip("triton")
-    import torch
-
     from msa.kernels.configs import BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, fitting_tiles, words_chunk
 
-    fp32 = torch.float32
+    fp32 = "fp32"
     assert (64, 4, 4, 2, 0, 0, 0) not in fitting_tiles(FWD_TILES, fp32, 32, 64, "fwd")
     assert fitting_tiles(FWD_TILES, fp32, 32, 64, "fwd")[0] == FWD_TILES["fp32"][0]
     assert fitting_tiles(FWD_TILES, fp32, 64, 64, "fwd") == [(32, 4, 8, 2, 0, 0, 0), (16, 4, 8, 2, 0, 0, 0)]
@@ -271,8 +264,9 @@ def test_float32_pruner_keeps_a_tile_for_long_texts_and_large_heads():
     assert words_chunk(fp32, 128, 128) == 64 and words_chunk(fp32, 64, 64) == 64
     # Nothing fits 128-word chunks at Dh 128: the fewest outputs per thread, not the default tile.
     assert fitting_tiles(FWD_TILES, fp32, 128, 128, "fwd") == [(16, 4, 8, 2, 0, 0, 0)]
-    # bfloat16 is unchanged by the float32 rule.
-    assert fitting_tiles(BWD_WORDS_TILES, torch.bfloat16, 32, 64, "bwd_words") == BWD_WORDS_TILES["low"]
+    # Tensor-core products (bf16, fp16, TF32) are not bound by the FMA rule.
+    assert fitting_tiles(BWD_WORDS_TILES, "low", 32, 64, "bwd_words") == BWD_WORDS_TILES["low"]
+    assert fitting_tiles(BWD_WORDS_TILES, "tf32", 32, 64, "bwd_words") == BWD_WORDS_TILES["tf32"]
 
 
 def test_float32_tiles_the_pruner_keeps_stay_in_registers():
@@ -293,3 +287,40 @@ def test_float32_tiles_the_pruner_keeps_stay_in_registers():
         assert "error" not in row, row
         assert row["spill_stores"] <= 32 and row["spill_loads"] <= 32, row
         assert not row["replicated"], row
+
+
+def test_tf32_takes_tensor_core_tiles_only_where_they_were_checked():
+    """float32 with TF32 on: the tensor-core list for chunks of <= 32 words at a padded Dh of 64, the float32
+    (small) tiles elsewhere, where the TF32 tiles spilled or outgrew shared memory; bf16 and fp16 never change."""
+    pytest.importorskip("triton")
+    import torch
+
+    from msa.kernels.configs import FWD_TILES, fitting_tiles, tile_kind
+
+    fp32 = torch.float32
+    assert tile_kind(fp32, "tf32", 32, 64) == "tf32" and tile_kind(fp32, "tf32", 16, 64) == "tf32"
+    assert tile_kind(fp32, "ieee", 32, 64) == "fp32"
+    for block_l, block_d in ((64, 64), (32, 128), (32, 32)):
+        assert tile_kind(fp32, "tf32", block_l, block_d) == "fp32", (block_l, block_d)
+    assert tile_kind(torch.bfloat16, "tf32", 128, 128) == "low"
+    assert fitting_tiles(FWD_TILES, "tf32", 32, 64, "fwd") == FWD_TILES["tf32"]
+
+
+def test_tf32_tiles_compile_to_wgmma_without_spills():
+    """Every TF32 tile the pruner keeps (short captions, with a word mask, Dh 64), each kernel: wgmma, no spills,
+    each product computed once, and at least one block per SM (shared memory at four bytes an element)."""
+    pytest.importorskip("triton")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
+        "specs = kr._specs_for('tf32', 19, 64, True, every_tile=True) + "
+        "kr._specs_for('tf32', 12, 64, False, every_tile=True)\n"
+        "print(json.dumps(kr._compile_all(list(dict.fromkeys(specs)), 2)))\n"
+    )
+    rows = json.loads(_last_line_in_child(code, str(REPO / "benchmarks")))
+    if any("ASTSource" in row.get("error", "") for row in rows):
+        pytest.skip("no offline compiler API")
+    assert {row["kernel"] for row in rows} == {"fwd", "bwd_images", "bwd_words"} and len(rows) >= 20, rows
+    for row in rows:
+        assert "error" not in row and row["dtype"] == "tf32", row
+        assert row["mma"].startswith("wgmma") and not row["replicated"], row
+        assert row["spill_stores"] == 0 and row["ctas_per_sm"] >= 1, row

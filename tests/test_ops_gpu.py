@@ -99,6 +99,40 @@ def test_parity_forward_and_gradients(backend, dtype, shape):
     run_and_compare(backend, *shape, dtype)
 
 
+@pytest.fixture
+def set_tf32():
+    """A setter of torch's TF32 setting for float32 CUDA matmuls (the newer API where torch has it), restored
+    after the test."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(torch.backends, "fp32_precision") else "allow_tf32"
+    previous = getattr(matmul, name)
+    yield lambda on: setattr(matmul, name, ("tf32" if on else "ieee") if name == "fp32_precision" else on)
+    setattr(matmul, name, previous)
+
+
+def test_triton_float32_takes_tf32_where_torch_allows_it(set_tf32):
+    """float32 with TF32 on runs TF32 products (its tensor-core tiles at L 19, Dh 64): scores and gradients meet
+    float16's rule (TF32 keeps float16's 10-bit mantissa), and the scores differ from those with TF32 off."""
+    require("triton")
+    set_tf32(True)
+    shape = (70, 41, 19, 3, 64, "random")
+    q, u, k, v, mask = make_inputs(*shape, torch.float32)
+    scores = mscmat_scores(q, u, k, v, mask, backend="triton")
+    exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, u, k, v)]
+    exact = mscmat_scores_ref(*exact_inputs, mask)
+    half_inputs = [t.detach().half().requires_grad_(True) for t in (q, u, k, v)]
+    half = mscmat_scores_ref(*half_inputs, mask)
+    check_close(scores, half, exact, "scores", torch.float16)
+    grad_scores = torch.randn(shape[:2], generator=torch.Generator().manual_seed(1)).to("cuda")
+    grads = torch.autograd.grad(scores, (q, u, k, v), grad_scores)
+    half_grads = torch.autograd.grad(half, half_inputs, grad_scores.half())
+    exact_grads = torch.autograd.grad(exact, exact_inputs, grad_scores.double())
+    for name, got, half_grad, want in zip("qukv", grads, half_grads, exact_grads):
+        check_close(got, half_grad, want, f"d{name}", torch.float16)
+    set_tf32(False)
+    assert not torch.equal(mscmat_scores(q, u, k, v, mask, backend="triton"), scores)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_word_masked_gives_zero_scores_and_gradients(backend):
     require(backend)
