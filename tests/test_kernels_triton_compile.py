@@ -120,6 +120,21 @@ def _compile_one(spec: str) -> dict:
     return row
 
 
+def _every_kept_tile(*cases: tuple) -> list[dict]:
+    """kernel_report's rows for every tile the pruner keeps, each kernel, for each (dtype label, L, Dh, mask) case,
+    compiled in a child process."""
+    pytest.importorskip("triton")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
+        "specs = [s for c in json.loads(sys.argv[2]) for s in kr._specs_for(*c, every_tile=True)]\n"
+        "print(json.dumps(kr._compile_all(list(dict.fromkeys(specs)), 2)))\n"
+    )
+    rows = json.loads(_last_line_in_child(code, str(REPO / "benchmarks"), json.dumps(cases)))
+    if any("ASTSource" in row.get("error", "") for row in rows):
+        pytest.skip("no offline compiler API")
+    return rows
+
+
 def test_forward_register_operand_tile_uses_the_register_a_form():
     """A_IN_REGISTERS (an autotune candidate) must reach wgmma's register-A form, or it is the shared-memory tile
     with more registers."""
@@ -272,16 +287,7 @@ def test_float32_pruner_keeps_a_tile_for_long_texts_and_large_heads():
 def test_float32_tiles_the_pruner_keeps_stay_in_registers():
     """Every float32 tile the pruner keeps for 64-word texts at Dh 128 and 128-word texts at Dh 64, each kernel,
     compiles for sm_90 with at most 32 B of spills per thread (the tiles it drops there spill kilobytes)."""
-    pytest.importorskip("triton")
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
-        "specs = kr._specs_for('fp32', 64, 128, True, every_tile=True) + "
-        "kr._specs_for('fp32', 128, 64, True, every_tile=True)\n"
-        "print(json.dumps(kr._compile_all(specs, 2)))\n"
-    )
-    rows = json.loads(_last_line_in_child(code, str(REPO / "benchmarks")))
-    if any("ASTSource" in row.get("error", "") for row in rows):
-        pytest.skip("no offline compiler API")
+    rows = _every_kept_tile(("fp32", 64, 128, True), ("fp32", 128, 64, True))
     assert {row["kernel"] for row in rows} == {"fwd", "bwd_images", "bwd_words"} and len(rows) >= 7, rows
     for row in rows:
         assert "error" not in row, row
@@ -309,16 +315,7 @@ def test_tf32_takes_tensor_core_tiles_only_where_they_were_checked():
 def test_tf32_tiles_compile_to_wgmma_without_spills():
     """Every TF32 tile the pruner keeps (short captions, with a word mask, Dh 64), each kernel: wgmma, no spills,
     each product computed once, and at least one block per SM (shared memory at four bytes an element)."""
-    pytest.importorskip("triton")
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import kernel_report as kr\n"
-        "specs = kr._specs_for('tf32', 19, 64, True, every_tile=True) + "
-        "kr._specs_for('tf32', 12, 64, False, every_tile=True)\n"
-        "print(json.dumps(kr._compile_all(list(dict.fromkeys(specs)), 2)))\n"
-    )
-    rows = json.loads(_last_line_in_child(code, str(REPO / "benchmarks")))
-    if any("ASTSource" in row.get("error", "") for row in rows):
-        pytest.skip("no offline compiler API")
+    rows = _every_kept_tile(("tf32", 19, 64, True), ("tf32", 12, 64, False))
     assert {row["kernel"] for row in rows} == {"fwd", "bwd_images", "bwd_words"} and len(rows) >= 20, rows
     for row in rows:
         assert "error" not in row and row["dtype"] == "tf32", row
