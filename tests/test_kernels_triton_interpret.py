@@ -161,7 +161,7 @@ def test_words_kernel_in_chunks_of_its_own(triton_module, monkeypatch, length):
     """The dk/dv kernel takes its own word chunks (configs.words_chunk: at Dh 64, 64 words where the forward takes
     128), since its softmax is elementwise: chunks of 16 words here, a partial last one, a text spread over several
     programs, one chunk of the forward's (L 37) or three (L 130)."""
-    monkeypatch.setattr(triton_module, "words_chunk", lambda dtype, block_l, block_d: 16)
+    monkeypatch.setattr(triton_module, "words_chunk", lambda kind, block_l, block_d: 16)
     q, u, k, v, mask = make_inputs(4, 5, length, 2, 16, "random")
     scores = triton_module.mscmat_scores_triton(q, u, k, v, mask, 0.3)
     expected = mscmat_scores_ref(*(t.double() for t in (q, u, k, v)), mask, 0.3)
