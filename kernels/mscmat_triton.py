@@ -28,6 +28,7 @@ from msa.kernels.mscmat_kernels import (
     mscmat_scores_bwd_words_kernel,
     mscmat_scores_fwd_kernel,
 )
+from msa.ops.tf32 import tf32_allowed
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2_E = math.log2(math.e)
@@ -81,19 +82,8 @@ def _head_splits(num_images: int, num_texts: int, heads: int) -> tuple[int, int]
     return _splits(tiles, heads)
 
 
-def _tf32_allowed() -> bool:
-    """Whether torch lets float32 CUDA matmuls use TF32. From torch 2.9 on the answer is fp32_precision (which the
-    legacy allow_tf32 and set_float32_matmul_precision also set): reading allow_tf32 raises once a program has used
-    the newer API (``torch.backends.fp32_precision = "tf32"``)."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        return matmul.fp32_precision == "tf32"
-    except AttributeError:  # torch < 2.9
-        return bool(matmul.allow_tf32)
-
-
 def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _tf32_allowed():
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 

@@ -132,3 +132,14 @@ def synthetic_dataset(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def set_tf32():
+    """A setter of torch's TF32 setting for float32 CUDA matmuls (``set_tf32(True)``; the newer fp32_precision API
+    where torch has it, else allow_tf32), restored after the test."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(torch.backends, "fp32_precision") else "allow_tf32"
+    previous = getattr(matmul, name)
+    yield lambda on: setattr(matmul, name, ("tf32" if on else "ieee") if name == "fp32_precision" else on)
+    setattr(matmul, name, previous)

@@ -53,6 +53,39 @@ def test_measured_choice_per_dtype_size_and_use(fake_card):
     assert measured_choice(torch.device("cpu"), torch.bfloat16, SMALL, False, BOTH) is None
 
 
+def test_float32_with_tf32_sets_the_measurements_aside(fake_card, set_tf32):
+    """The float32 measurements were taken with TF32 off, and only the Triton kernels multiply in TF32: with TF32 on,
+    float32 calls keep the default order; other dtypes still follow the table."""
+    set_tf32(True)
+    assert measured_choice(CUDA0, torch.float32, LARGE, False, BOTH) is None
+    assert measured_choice(CUDA0, torch.bfloat16, SMALL, False, BOTH) == "cuda"
+    set_tf32(False)
+    assert measured_choice(CUDA0, torch.float32, LARGE, False, BOTH) == "cuda"
+
+
+def test_tf32_allowed_reads_either_torch_api():
+    """torch >= 2.9's fp32_precision (global or for CUDA matmuls), after which reading the legacy allow_tf32 raises,
+    and the legacy allow_tf32 itself."""
+    from msa.ops.tf32 import tf32_allowed
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision")
+    saved = torch.backends.fp32_precision, matmul.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        assert tf32_allowed()
+        torch.backends.fp32_precision, matmul.fp32_precision = "none", "ieee"
+        assert not tf32_allowed()
+        torch.backends.fp32_precision, matmul.fp32_precision = "none", "none"
+        matmul.allow_tf32 = True
+        assert tf32_allowed()
+        matmul.allow_tf32 = False
+        assert not tf32_allowed()
+    finally:
+        torch.backends.fp32_precision, matmul.fp32_precision = saved
+
+
 def test_unmeasured_card_keeps_the_default_order(monkeypatch):
     monkeypatch.setattr(backend_choice, "_device_name", lambda index: "Another GPU")
     monkeypatch.setattr(backend_choice, "_CHOICES", TABLE)

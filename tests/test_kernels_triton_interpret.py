@@ -80,33 +80,18 @@ CASES = [
 
 
 @in_interpreter
-def test_tf32_follows_either_torch_setting(triton_module):
-    """float32 takes TF32 where torch's matmul would: set through torch >= 2.9's fp32_precision (after which reading
-    the legacy allow_tf32 raises) or through allow_tf32; the op runs either way."""
+def test_float32_runs_with_tf32_set_through_torchs_newer_api(triton_module, set_tf32):
+    """With TF32 set through fp32_precision (torch >= 2.9), after which reading the legacy allow_tf32 raises, float32
+    takes TF32 products and the op runs."""
+    set_tf32(True)
     q, u, k, v, mask = make_inputs(5, 4, 6, 2, 16, "random")
-    settings = getattr(torch.backends, "fp32_precision", None), torch.backends.cuda.matmul.allow_tf32
-    try:
-        if settings[0] is not None:
-            torch.backends.fp32_precision = "tf32"
-            assert triton_module._input_precision(torch.float32) == "tf32"
-            scores = triton_module.mscmat_scores_triton(q, u, k, v, mask, 0.25)
-            expected = mscmat_scores_ref(*(t.double() for t in (q, u, k, v)), mask, 0.25)
-            torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-4)
-            torch.backends.fp32_precision = "ieee"
-            assert triton_module._input_precision(torch.float32) == "ieee"
-            torch.backends.fp32_precision = "none"
-            torch.backends.cuda.matmul.fp32_precision = "none"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert triton_module._input_precision(torch.float32) == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert triton_module._input_precision(torch.float32) == "ieee"
-        assert triton_module._input_precision(torch.bfloat16) == "tf32"  # (the 16-bit products ignore it)
-    finally:
-        if settings[0] is not None:
-            torch.backends.fp32_precision = settings[0]
-            torch.backends.cuda.matmul.fp32_precision = "none"
-        else:
-            torch.backends.cuda.matmul.allow_tf32 = settings[1]
+    assert triton_module._input_precision(torch.float32) == "tf32"
+    assert triton_module._input_precision(torch.bfloat16) == "tf32"  # (16-bit products ignore it)
+    scores = triton_module.mscmat_scores_triton(q, u, k, v, mask, 0.25)
+    expected = mscmat_scores_ref(*(t.double() for t in (q, u, k, v)), mask, 0.25)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-4)
+    set_tf32(False)
+    assert triton_module._input_precision(torch.float32) == "ieee"
 
 
 @in_interpreter

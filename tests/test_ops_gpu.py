@@ -99,17 +99,6 @@ def test_parity_forward_and_gradients(backend, dtype, shape):
     run_and_compare(backend, *shape, dtype)
 
 
-@pytest.fixture
-def set_tf32():
-    """A setter of torch's TF32 setting for float32 CUDA matmuls (the newer API where torch has it), restored
-    after the test."""
-    matmul = torch.backends.cuda.matmul
-    name = "fp32_precision" if hasattr(torch.backends, "fp32_precision") else "allow_tf32"
-    previous = getattr(matmul, name)
-    yield lambda on: setattr(matmul, name, ("tf32" if on else "ieee") if name == "fp32_precision" else on)
-    setattr(matmul, name, previous)
-
-
 def test_triton_float32_takes_tf32_where_torch_allows_it(set_tf32):
     """float32 with TF32 on runs TF32 products (its tensor-core tiles at L 19, Dh 64): scores and gradients meet
     float16's rule (TF32 keeps float16's 10-bit mantissa), and the scores differ from those with TF32 off."""

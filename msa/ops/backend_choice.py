@@ -11,7 +11,9 @@ The file::
         "measured": "<git sha, torch, triton, date>",
         "<dtype>": {"inference": [[work, backend], ...], "training": [[work, backend], ...]}}}
 
-float16 uses bfloat16's measurements when it has none of its own (the same kernels, the same tile sizes).
+float16 uses bfloat16's measurements when it has none of its own (the same kernels, the same tile sizes). float32
+with TF32 allowed (see msa.ops.tf32) has none: the float32 ones were taken with TF32 off, and only the Triton kernels
+multiply in TF32.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from msa.ops.tf32 import tf32_allowed
 
 CHOICES_FILE = Path(__file__).with_name("backend_choices.json")
 USES = ("inference", "training")
@@ -63,9 +67,7 @@ def measured_choice(
 ) -> str | None:
     """The measured faster backend for a call on ``device`` (None without measurements for it, or when that
     backend is not among ``candidates``, the ones available here)."""
-    if device.type != "cuda":
-        return None
-    if not _CHOICES:
+    if device.type != "cuda" or not _CHOICES or (dtype == torch.float32 and tf32_allowed()):
         return None
     entry = _CHOICES.get(_device_name(device.index if device.index is not None else torch.cuda.current_device()))
     if entry is None:
