@@ -13,6 +13,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from msa._autograd import register_scores_autograd
+from msa._tf32 import tf32_allowed
 from msa.kernels.configs import (
     FWD_TILES,
     INTERPRET,
@@ -28,7 +29,6 @@ from msa.kernels.mscmat_kernels import (
     mscmat_scores_bwd_words_kernel,
     mscmat_scores_fwd_kernel,
 )
-from msa.ops.tf32 import tf32_allowed
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2_E = math.log2(math.e)

@@ -66,7 +66,7 @@ def test_float32_with_tf32_sets_the_measurements_aside(fake_card, set_tf32):
 def test_tf32_allowed_reads_either_torch_api():
     """torch >= 2.9's fp32_precision (global or for CUDA matmuls), after which reading the legacy allow_tf32 raises,
     and the legacy allow_tf32 itself."""
-    from msa.ops.tf32 import tf32_allowed
+    from msa._tf32 import tf32_allowed
 
     matmul = torch.backends.cuda.matmul
     if not hasattr(torch.backends, "fp32_precision"):

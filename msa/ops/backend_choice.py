@@ -12,7 +12,7 @@ The file::
         "<dtype>": {"inference": [[work, backend], ...], "training": [[work, backend], ...]}}}
 
 float16 uses bfloat16's measurements when it has none of its own (the same kernels, the same tile sizes). float32
-with TF32 allowed (see msa.ops.tf32) has none: the float32 ones were taken with TF32 off, and only the Triton kernels
+with TF32 allowed (see msa._tf32) has none: the float32 ones were taken with TF32 off, and only the Triton kernels
 multiply in TF32.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from msa.ops.tf32 import tf32_allowed
+from msa._tf32 import tf32_allowed
 
 CHOICES_FILE = Path(__file__).with_name("backend_choices.json")
 USES = ("inference", "training")
