@@ -55,25 +55,29 @@ def make_inputs(ni, nt, length, heads, head_dim, mask_kind, dtype, seed=0, devic
                           requires_grad=True, device=device)  # fmt: skip
 
 
-def run_and_compare(backend, ni, nt, length, heads, head_dim, mask_kind, dtype, backward=True):
+def run_and_compare(backend, ni, nt, length, heads, head_dim, mask_kind, dtype, backward=True, rule_dtype=None):
+    """The backend's scores (and gradients) against the float64 reference, within the error rule of ``rule_dtype``
+    (default ``dtype``): the reference run in that precision. Returns the inputs and the scores."""
+    rule_dtype = rule_dtype or dtype
     q, u, k, v, mask = make_inputs(ni, nt, length, heads, head_dim, mask_kind, dtype)
     scores = mscmat_scores(q, u, k, v, mask, backend=backend)
     assert scores.shape == (ni, nt) and scores.dtype == dtype and scores.device.type == "cuda"
-    low = mscmat_scores_ref(q, u, k, v, mask)
+    low_inputs = [t.detach().to(rule_dtype).requires_grad_(True) for t in (q, u, k, v)]
+    low = mscmat_scores_ref(*low_inputs, mask)
     exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, u, k, v)]
     exact = mscmat_scores_ref(*exact_inputs, mask)
-    check_close(scores, low, exact, "scores", dtype)
+    check_close(scores, low, exact, "scores", rule_dtype)
     if mask_kind == "masked-texts":
         assert torch.all(scores[:, ::3] == 0)  # texts 0, 3, 6, ... have no real word
-    if not backward:
-        return
-    grad_scores = torch.randn(ni, nt, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
-    grads = torch.autograd.grad(scores, (q, u, k, v), grad_scores)
-    low_grads = torch.autograd.grad(low, (q, u, k, v), grad_scores)
-    exact_grads = torch.autograd.grad(exact, exact_inputs, grad_scores.double())
-    for name, got, low_grad, want in zip("qukv", grads, low_grads, exact_grads):
-        assert got.shape == want.shape and got.dtype == dtype, name
-        check_close(got, low_grad, want, f"d{name}", dtype)
+    if backward:
+        grad_scores = torch.randn(ni, nt, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+        grads = torch.autograd.grad(scores, (q, u, k, v), grad_scores)
+        low_grads = torch.autograd.grad(low, low_inputs, grad_scores.to(rule_dtype))
+        exact_grads = torch.autograd.grad(exact, exact_inputs, grad_scores.double())
+        for name, got, low_grad, want in zip("qukv", grads, low_grads, exact_grads):
+            assert got.shape == want.shape and got.dtype == dtype, name
+            check_close(got, low_grad, want, f"d{name}", rule_dtype)
+    return (q, u, k, v, mask), scores
 
 
 # (Ni, Nt, L, H, Dh, mask): odd sizes off every tile; L = 30 (padded), 77 (two CUDA chunks of 64), 150 (two
@@ -104,22 +108,9 @@ def test_triton_float32_takes_tf32_where_torch_allows_it(set_tf32):
     float16's rule (TF32 keeps float16's 10-bit mantissa), and the scores differ from those with TF32 off."""
     require("triton")
     set_tf32(True)
-    shape = (70, 41, 19, 3, 64, "random")
-    q, u, k, v, mask = make_inputs(*shape, torch.float32)
-    scores = mscmat_scores(q, u, k, v, mask, backend="triton")
-    exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, u, k, v)]
-    exact = mscmat_scores_ref(*exact_inputs, mask)
-    half_inputs = [t.detach().half().requires_grad_(True) for t in (q, u, k, v)]
-    half = mscmat_scores_ref(*half_inputs, mask)
-    check_close(scores, half, exact, "scores", torch.float16)
-    grad_scores = torch.randn(shape[:2], generator=torch.Generator().manual_seed(1)).to("cuda")
-    grads = torch.autograd.grad(scores, (q, u, k, v), grad_scores)
-    half_grads = torch.autograd.grad(half, half_inputs, grad_scores.half())
-    exact_grads = torch.autograd.grad(exact, exact_inputs, grad_scores.double())
-    for name, got, half_grad, want in zip("qukv", grads, half_grads, exact_grads):
-        check_close(got, half_grad, want, f"d{name}", torch.float16)
+    inputs, scores = run_and_compare("triton", 70, 41, 19, 3, 64, "random", torch.float32, rule_dtype=torch.float16)
     set_tf32(False)
-    assert not torch.equal(mscmat_scores(q, u, k, v, mask, backend="triton"), scores)
+    assert not torch.equal(mscmat_scores(*inputs, backend="triton"), scores)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
