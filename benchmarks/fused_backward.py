@@ -25,7 +25,7 @@ import triton.language as tl
 from msa.kernels.configs import MAX_BLOCK_L
 from msa.kernels.mscmat_kernels import _product_grads, _texts_exponentials
 from msa.kernels.mscmat_triton import LOG2_E, _block_sizes, _cdiv, _input_precision, _prepared, _upcast
-from msa.kernels.tiles import load_rows, mma, text_columns
+from msa.kernels.tiles import column_rows, load_rows, mma, text_columns
 
 # The tiles bench_gpu_targets times: (texts a program, images a tile, warps). Two 32-word texts is the most that
 # compiles without spills at Dh 64 (four spilled 160-936 B per thread on the sm_90 compile, Triton 3.6.0 and 3.8.0;
@@ -93,10 +93,10 @@ def fused_backward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_t = tl.arange(0, BLOCK_T)
-    in_bounds, valid, word_rows = text_columns(
-        Mask + first_text * stride_mt, Nt - first_text, L, stride_mt, stride_ml, stride_kt, stride_kl, HAS_MASK,
-        BLOCK_T, BLOCK_L,
-    )  # fmt: skip
+    in_bounds, valid = text_columns(
+        Mask + first_text * stride_mt, Nt - first_text, L, stride_mt, stride_ml, HAS_MASK, BLOCK_T, BLOCK_L
+    )
+    word_rows = column_rows(stride_kt, stride_kl, BLOCK_T, BLOCK_L)
     words_base = first_text * stride_kt + h * stride_kh
     k = load_rows(K + words_base + word_rows[:, None] + offs_d[None, :], valid, d_ok)
     v = load_rows(V + words_base + word_rows[:, None] + offs_d[None, :], valid, d_ok)

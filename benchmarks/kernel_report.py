@@ -195,7 +195,7 @@ def _signature(fn, spec: Spec, constexprs: dict) -> dict:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name == "Mask":
-            signature[name] = "*u8" if spec.has_mask else "*" + POINTER_TYPES[spec.dtype]
+            signature[name] = "*i1" if spec.has_mask else "*" + POINTER_TYPES[spec.dtype]
         elif name == "Stats":  # float32; without statistics to store the launch passes q in its place
             signature[name] = "*fp32" if spec.store_stats else "*" + POINTER_TYPES[spec.dtype]
         elif name in POINTERS:

@@ -32,6 +32,7 @@ from msa.kernels.configs import AUTOTUNE_KEY, BWD_IMAGES_TILES, BWD_WORDS_TILES,
 from msa.kernels.tiles import (
     NEG_INF,
     chunk_rows,
+    column_rows,
     finalize,
     load_rows,
     logits_readouts,
@@ -42,8 +43,8 @@ from msa.kernels.tiles import (
 )
 
 # Image tiles of the forward that sweep the same text tiles together (see mscmat_scores_fwd_kernel). Passed at
-# every launch: torch.compile's capture of a triton_op checks the arguments against the signature and takes no
-# constexpr defaults.
+# every launch: torch.compile's analysis of a triton_op's launches takes no constexpr defaults (it would then take
+# the kernel to write every tensor it gets, and a compiled call would copy q, u, k and v first).
 FWD_IMAGE_GROUP = 8
 
 
@@ -148,11 +149,10 @@ def mscmat_scores_fwd_kernel(
     V_head = V + first_head * stride_kh
     one_product: tl.constexpr = WIDE and ONE_CHUNK
     if one_product:
-        texts_in_bounds, texts_valid, word_rows = text_columns(
-            Mask + first_text * stride_mt, Nt - first_text, L, stride_mt, stride_ml, stride_kt, stride_kl, HAS_MASK,
-            BLOCK_T, BLOCK_L,
-        )  # fmt: skip
-        texts_tile = word_rows[:, None] + offs_d[None, :]
+        texts_in_bounds, texts_valid = text_columns(
+            Mask + first_text * stride_mt, Nt - first_text, L, stride_mt, stride_ml, HAS_MASK, BLOCK_T, BLOCK_L
+        )
+        texts_tile = column_rows(stride_kt, stride_kl, BLOCK_T, BLOCK_L)[:, None] + offs_d[None, :]
         K_head += first_text * stride_kt
         V_head += first_text * stride_kt
 
@@ -310,11 +310,8 @@ def mscmat_scores_bwd_images_kernel(
     grad_tile = rows_i[:, None] + (offs_t * stride_gt)[None, :]
     for text in range(first_text, last_text, texts_per_step):
         if ONE_CHUNK:
-            _, valid, word_rows = text_columns(
-                Mask_text, last_text - text, L, stride_mt, stride_ml, stride_kt, stride_kl, HAS_MASK, BLOCK_T,
-                BLOCK_L,
-            )  # fmt: skip
-            texts_tile = word_rows[:, None] + offs_d[None, :]
+            _, valid = text_columns(Mask_text, last_text - text, L, stride_mt, stride_ml, HAS_MASK, BLOCK_T, BLOCK_L)
+            texts_tile = column_rows(stride_kt, stride_kl, BLOCK_T, BLOCK_L)[:, None] + offs_d[None, :]
             k = load_rows(K_text + texts_tile, valid, d_ok)
             v = load_rows(V_text + texts_tile, valid, d_ok)
             e, r, m_scaled, inv_den, head_out = _texts_exponentials(
@@ -398,10 +395,11 @@ def mscmat_scores_bwd_words_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     # The 64-bit parts of the offsets sit in the base pointers; word_rows are int32.
-    in_bounds, valid, word_rows = text_columns(
-        Mask + first_text * stride_mt + w0 * stride_ml, Nt - first_text, L - w0, stride_mt, stride_ml, stride_kt,
-        stride_kl, HAS_MASK, BLOCK_T, BLOCK_L,
+    in_bounds, valid = text_columns(
+        Mask + first_text * stride_mt + w0 * stride_ml, Nt - first_text, L - w0, stride_mt, stride_ml, HAS_MASK,
+        BLOCK_T, BLOCK_L,
     )  # fmt: skip
+    word_rows = column_rows(stride_kt, stride_kl, BLOCK_T, BLOCK_L)
     word_tile = word_rows[:, None] + offs_d[None, :]
     K_chunk = K + first_text * stride_kt + w0 * stride_kl + h * stride_kh
     V_chunk = V + first_text * stride_kt + w0 * stride_kl + h * stride_kh

@@ -94,7 +94,9 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def _prepared(q, u, k, v, word_mask):
     """Unit-stride last dims (the kernels index the head dim directly), one set of strides for q and u and one
-    for k and v (the kernels take them once), and the mask as uint8 (or a dummy pointer)."""
+    for k and v (the kernels take them once), and the mask as bool (or a dummy pointer). The kernels read a bool
+    mask as bytes; viewing it as uint8 here instead breaks torch.compile on torch 2.11, whose Inductor cannot lower
+    a bool -> uint8 dtype view."""
     if q.stride() != u.stride() or q.stride(-1) != 1:
         q, u = q.contiguous(), u.contiguous()
     if k.stride() != v.stride() or k.stride(-1) != 1:
@@ -102,7 +104,6 @@ def _prepared(q, u, k, v, word_mask):
     if word_mask is None:
         return q, u, k, v, q, (0, 0), False
     mask = word_mask if word_mask.dtype == torch.bool else word_mask != 0
-    mask = mask.view(torch.uint8)
     return q, u, k, v, mask, (mask.stride(0), mask.stride(1)), True
 
 

@@ -42,32 +42,44 @@ def logits_readouts(
 @triton.jit
 def chunk_rows(mask_ptrs, text_ok, word_ids, L, HAS_MASK: tl.constexpr):
     """(in_bounds, valid) of the BLOCK_L words of a chunk: in_bounds guards the loads, valid (in bounds and not
-    masked) selects the words that take part in the softmax."""
+    masked) selects the words that take part in the softmax. The mask (bool) is read as bytes: bool loads cost
+    up to 13 more registers a thread under Triton 3.6 (sm_90 compile report)."""
     in_bounds = text_ok & (word_ids < L)
     if HAS_MASK:
-        word_valid = tl.load(mask_ptrs, mask=in_bounds, other=0)
+        word_valid = tl.load(mask_ptrs.to(tl.pointer_type(tl.uint8)), mask=in_bounds, other=0)
         return in_bounds, in_bounds & (word_valid != 0)
     return in_bounds, in_bounds
 
 
 @triton.jit
 def text_columns(
-    Mask_chunk, texts_left, words_left, stride_mt, stride_ml, stride_kt, stride_kl,
-    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr,
+    Mask_chunk, texts_left, words_left, stride_mt, stride_ml, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):  # fmt: skip
-    """The columns of a product holding BLOCK_T consecutive texts' chunks of BLOCK_L words side by side (column c
-    is word c % BLOCK_L of text c // BLOCK_L): (in_bounds, valid, word_rows), word_rows being each column's int32
-    offset from the first text's chunk in k and v. texts_left and words_left count from that text and word to Nt
-    and L; Mask_chunk points at the first text's chunk in the mask."""
+    """(in_bounds, valid) of the columns of a product holding BLOCK_T consecutive texts' chunks of BLOCK_L words
+    side by side (column c is word c % BLOCK_L of text c // BLOCK_L). texts_left and words_left count from that
+    text and word to Nt and L; Mask_chunk points at the first text's chunk in the mask (read as bytes, as in
+    chunk_rows)."""
     cols = tl.arange(0, BLOCK_T * BLOCK_L)
     col_text = cols // BLOCK_L
     col_word = cols % BLOCK_L
     in_bounds = (col_text < texts_left) & (col_word < words_left)
     valid = in_bounds
     if HAS_MASK:
-        word_valid = tl.load(Mask_chunk + col_text * stride_mt + col_word * stride_ml, mask=in_bounds, other=0)
+        mask_ptrs = (Mask_chunk + col_text * stride_mt + col_word * stride_ml).to(tl.pointer_type(tl.uint8))
+        word_valid = tl.load(mask_ptrs, mask=in_bounds, other=0)
         valid = in_bounds & (word_valid != 0)
-    return in_bounds, valid, col_text * stride_kt + col_word * stride_kl
+    return in_bounds, valid
+
+
+@triton.jit
+def column_rows(stride_kt, stride_kl, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Each column's int32 offset from the first text's chunk in k and v (columns as in text_columns). Apart from
+    text_columns, so that torch.compile's analysis of a launch, which takes every result of a helper to depend on
+    all its arguments, does not see offsets derived from the mask: a kernel storing at them would count as
+    writing the mask."""
+    cols = tl.arange(0, BLOCK_T * BLOCK_L)
+    return (cols // BLOCK_L) * stride_kt + (cols % BLOCK_L) * stride_kl
 
 
 @triton.jit
