@@ -8,11 +8,14 @@ when this process started, one test here reruns this file in a child pytest proc
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import check_close, check_only_asked_gradients, import_benchmark, make_op_inputs, poison_masked_words
@@ -21,9 +24,33 @@ from msa.ops import mscmat_scores_ref
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="interpreter test for CPU-only machines; tests/test_ops_gpu.py covers the GPU"
-)
+
+def _interpreter_cannot_loop() -> str:
+    """Why Triton's interpreter cannot run the kernels here ("" if it can). Before Triton 3.7 it turns a loop bound
+    (a one-element array) into an int with int(), which newer numpy refuses with a TypeError."""
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) >= (3, 7):
+        return ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(np.array([1]))
+    except TypeError:
+        return (f"Triton {version}'s interpreter takes loop bounds with int() of a one-element array, which numpy "
+                f"{np.__version__} refuses (fixed in Triton 3.7)")  # fmt: skip
+    return ""
+
+
+INTERPRETER_PROBLEM = _interpreter_cannot_loop()
+pytestmark = [
+    pytest.mark.skipif(
+        torch.cuda.is_available(), reason="interpreter test for CPU-only machines; tests/test_ops_gpu.py covers the GPU"
+    ),
+    pytest.mark.skipif(bool(INTERPRETER_PROBLEM), reason=INTERPRETER_PROBLEM),
+]
 in_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the child process with TRITON_INTERPRET=1")
 
 
