@@ -30,7 +30,6 @@ import triton.language as tl
 
 from msa.kernels.configs import AUTOTUNE_KEY, BWD_IMAGES_TILES, BWD_WORDS_TILES, FWD_TILES, all_configs, pruner
 from msa.kernels.tiles import (
-    NEG_INF,
     chunk_rows,
     column_rows,
     finalize,
@@ -46,6 +45,11 @@ from msa.kernels.tiles import (
 # every launch: torch.compile's analysis of a triton_op's launches takes no constexpr defaults (it would then take
 # the kernel to write every tensor it gets, and a compiled call would copy q, u, k and v first).
 FWD_IMAGE_GROUP = 8
+
+# FLOAT_ARGUMENTS: each kernel turns its float arguments (scale, scale_log2) into float32 first. A plain launch
+# passes a Python float as float32, but torch.compile's generated code passes it as float64, and a float64 scalar
+# makes Triton compute the tiles it multiplies in float64 (the forward then fails to compile: its float32
+# accumulator would turn float64 in the loop; the backward ran its softmax in float64).
 
 
 @triton.jit
@@ -122,6 +126,7 @@ def mscmat_scores_fwd_kernel(
     Grid: tiles x head splits. With several splits (small problems: image and text tiles alone make too few
     programs for the SMs) each program sums heads_per_split heads into its own float32 slice of Out (stride_split
     apart), which the caller adds up."""
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # (see FLOAT_ARGUMENTS)
     # Grouped launch order: GROUP_I image tiles sweep the same text tiles together, so k and v stay in L2.
     pid = tl.program_id(0).to(tl.int64)
     tiles_i = tl.cdiv(Ni, BLOCK_I)
@@ -213,7 +218,7 @@ def _text_stats(
 ):  # fmt: skip
     """Softmax statistics of BLOCK_I images against every word chunk of one long text and head: scaled shift,
     1 / denominator and head output o, each [BLOCK_I] (see finalize); text_ok False makes every word invalid."""
-    m = tl.full((BLOCK_I,), NEG_INF, dtype=tl.float32)
+    m = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
     den = tl.zeros((BLOCK_I,), dtype=tl.float32)
     num = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for w0 in range(0, L, BLOCK_L):
@@ -222,7 +227,7 @@ def _text_stats(
             INPUT_PRECISION, UPCAST,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_scaled = tl.where(m_new == NEG_INF, 0.0, m_new * scale_log2)
+        m_scaled = tl.where(m_new == float("-inf"), 0.0, m_new * scale_log2)
         alpha = tl.exp2(m * scale_log2 - m_scaled)
         p = tl.exp2(s * scale_log2 - m_scaled[:, None])
         den = den * alpha + tl.sum(p, axis=1)
@@ -242,7 +247,7 @@ def _texts_exponentials(
     and one exponential pass, which the backward's gradients reuse (see _product_grads)."""
     s, r = _texts_logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, False, BLOCK_T, BLOCK_L)
     m = tl.max(s, axis=2)
-    e = tl.exp2(s * scale_log2 - tl.where(m == NEG_INF, 0.0, m * scale_log2)[:, :, None])
+    e = tl.exp2(s * scale_log2 - tl.where(m == float("-inf"), 0.0, m * scale_log2)[:, :, None])
     m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=2), tl.sum(e * r, axis=2), scale_log2)
     return e, r, m_scaled, inv_den, head_out
 
@@ -278,6 +283,7 @@ def mscmat_scores_bwd_images_kernel(
     tiles and heads alone make too few programs for the SMs.
     STORE_STATS writes each (image, text, head)'s softmax statistics to Stats ([2, H, Nt, Ni] float32: lse, o)
     for the words kernel; IMAGE_GRADS False computes only those (a frozen image side)."""
+    scale, scale_log2 = tl.cast(scale, tl.float32), tl.cast(scale_log2, tl.float32)  # (see FLOAT_ARGUMENTS)
     tile_i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -386,6 +392,7 @@ def mscmat_scores_bwd_words_kernel(
     across a text's words, and the columns may belong to several texts. Each q, u byte read from L2 then serves
     BLOCK_T texts. The products are computed transposed, dk^T = Q^T dS: their M is Dh >= 64 rows, which Hopper's
     wgmma needs, where a chunk of 32 words would fall back to mma.sync."""
+    scale, scale_log2 = tl.cast(scale, tl.float32), tl.cast(scale_log2, tl.float32)  # (see FLOAT_ARGUMENTS)
     num_chunks = tl.cdiv(L, BLOCK_L)
     pid = tl.program_id(0).to(tl.int64)
     first_text = (pid // num_chunks) * BLOCK_T

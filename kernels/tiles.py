@@ -4,14 +4,15 @@ program; nothing is launched from here.
 
 Logits stay in raw units (no scale applied) until the exponential: ``exp2(s * scale_log2 - m * scale_log2)``
 is one fused multiply-add per element, where scaling s first would cost a multiply more. ``scale > 0``, so the
-max of the raw logits is the max of the scaled ones."""
+max of the raw logits is the max of the scaled ones.
+
+Minus infinity is written ``float("-inf")`` where it is used, not held in a module constant: torch.compile copies
+a kernel's constants into the module it generates by their repr, and ``-inf`` there is an undefined name."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -32,7 +33,7 @@ def logits_readouts(
     as well: for k, v loaded by bounds alone (the forward with a word mask), whose masked words may hold anything
     (NaN, inf); a select drops it from s and r, and nothing multiplies k or v again. Without it the caller loads
     k, v as zeros there (load_rows with the mask), as the backward must: it multiplies them by dS, dR."""
-    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), NEG_INF)
+    s = tl.where(valid[None, :], mma(q, tl.trans(k), None, INPUT_PRECISION, UPCAST), float("-inf"))
     r = mma(u, tl.trans(v), None, INPUT_PRECISION, UPCAST)
     if ZERO_READOUTS:
         r = tl.where(valid[None, :], r, 0.0)
@@ -87,7 +88,7 @@ def softmax_output(s, r, scale_log2, AXIS: tl.constexpr):
     """o = sum p r with p the softmax of s (raw logits, masked words at -inf) along AXIS: the words of one text.
     0 for a text without a valid word."""
     m = tl.max(s, axis=AXIS)
-    m_scaled = tl.where(m == NEG_INF, 0.0, m * scale_log2)
+    m_scaled = tl.where(m == float("-inf"), 0.0, m * scale_log2)
     p = tl.exp2(s * scale_log2 - tl.expand_dims(m_scaled, AXIS))
     den = tl.sum(p, axis=AXIS)
     num = tl.sum(p * r, axis=AXIS)
@@ -106,7 +107,7 @@ def load_rows(ptrs, valid, d_ok):
 def finalize(m, den, num, scale_log2):
     """Scaled shift, 1 / denominator and head output o per (image, text); a fully masked text gets o = 0 and
     1 / den = 0, so all its weights vanish."""
-    m_scaled = tl.where(m == NEG_INF, 0.0, m * scale_log2)
+    m_scaled = tl.where(m == float("-inf"), 0.0, m * scale_log2)
     has_word = den > 0
     inv_den = tl.where(has_word, 1.0 / tl.where(has_word, den, 1.0), 0.0)
     return m_scaled, inv_den, num * inv_den
