@@ -1,15 +1,16 @@
-"""The Triton ops as torch.compile captures them for CUDA inputs, checked on a machine without a GPU.
+"""The Triton ops as torch.compile captures and compiles them for CUDA inputs, checked on a machine without a GPU.
 
 Fake CUDA tensors go through AOTAutograd with Inductor's decompositions, torch's analysis of each kernel launch
-(which of its tensors the kernel writes), Inductor's lowering and its code generation, which stops here before the
-generated module is loaded (that compiles the kernels for a card; tests/test_ops_gpu.py runs the whole thing
-there). Failures of this kind have shown up only on a card before: torch 2.11's Inductor could not lower a bool ->
-uint8 view of the word mask, and a launch whose arguments did not match the kernel's signature made torch assume
-the kernel writes every tensor it gets, so that a compiled call copies q, u, k and v first. Both fail here, under
-whatever torch is installed (the view only where that torch's Inductor cannot lower it).
+(which of its tensors the kernel writes), Inductor's lowering and code generation, and the loading of the generated
+module, which compiles every kernel config for sm_90; it stops where the compiled kernels would be loaded onto a
+card (tests/test_ops_gpu.py runs the whole thing there). Failures of this kind reached a card before, or would have:
+torch 2.11's Inductor could not lower a bool -> uint8 view of the word mask; a launch whose arguments did not match
+the kernel's signature made torch take the kernel to write every tensor it gets (a compiled call then copies q, u,
+k and v first); the generated module named ``-inf``, a module constant of the kernels, without defining it; and it
+passes float arguments as float64, in which the forward did not compile. Each fails here.
 
-The stand-ins for the card (a Triton driver naming sm_90, an H100's device properties, a stop after code
-generation) reach into torch's private modules; where those have moved the test skips and says so.
+The stand-ins for the card (a Triton driver naming sm_90, an H100's device properties, a stop before the kernels
+are loaded) reach into torch's private modules; where those have moved the test skips and says so.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ast
 import os
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,9 +67,23 @@ def _private(module_name: str, *names: str):
         pytest.skip(f"torch {torch.__version__}: {module_name} has moved ({error}); the card's test covers this")
 
 
-def _stop_with_source(graph):
-    code = graph.codegen()[0]
-    raise _Generated(getattr(code, "value", str(code)))
+class _Compiled:
+    """Stand-ins for the steps that need a card once Inductor has compiled a kernel's configs: records them."""
+
+    configs_compiled: dict[str, int] = {}
+
+    @staticmethod
+    def make_launchers(autotuner):
+        _Compiled.configs_compiled[autotuner.fn.__name__] = len(autotuner.compile_results)
+        autotuner.launchers = [None] * len(autotuner.compile_results)
+
+
+def _stop_after_loading(load):
+    def stop(graph):
+        module = load(graph)  # compiles the kernels (one compile thread: here, in this process)
+        raise _Generated(Path(module.__file__).read_text())
+
+    return stop
 
 
 @pytest.fixture
@@ -83,7 +99,9 @@ def capture_for_sm90(monkeypatch):
     (aot_function,) = _private("torch._functorch.aot_autograd", "aot_function")
     (select_decomp_table,) = _private("torch._inductor.decomposition", "select_decomp_table")
     (graph_lowering,) = _private("torch._inductor.graph", "GraphLowering")
+    (caching_autotuner,) = _private("torch._inductor.runtime.triton_heuristics", "CachingAutotuner")
     _private("torch._inductor.scheduler", "has_triton")
+    _private("torch._inductor.runtime.triton_helpers", "set_driver_to_gpu")
 
     interface = get_interface_for_device("cuda")
     for name, stand_in in (
@@ -97,7 +115,10 @@ def capture_for_sm90(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr("torch._inductor.scheduler.has_triton", lambda: True)
     monkeypatch.setattr("torch._inductor.compile_fx._check_triton_bf16_support", lambda graph: None)
-    monkeypatch.setattr(graph_lowering, "compile_to_module", _stop_with_source)
+    monkeypatch.setattr("torch._inductor.runtime.triton_helpers.set_driver_to_gpu", lambda: None)
+    monkeypatch.setattr(graph_lowering, "compile_to_module", _stop_after_loading(graph_lowering.compile_to_module))
+    monkeypatch.setattr(caching_autotuner, "_make_launchers", _Compiled.make_launchers)
+    _Compiled.configs_compiled = {}
     monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90Driver())  # (reset_active would look for a GPU)
     device_properties.create.cache_clear()
     yield lambda fn, args: _capture(fn, args, aot_function, select_decomp_table, compile_fx_inner, kernel_side_table)
@@ -105,8 +126,8 @@ def capture_for_sm90(monkeypatch):
 
 
 def _capture(fn, args, aot_function, select_decomp_table, compile_fx_inner, kernel_side_table):
-    """Traces fn(*args) as torch.compile's AOT stage does and has Inductor generate its code. Returns each kernel
-    launch in the graph as (kernel name, the tensors torch found it writes), and the generated source."""
+    """Traces fn(*args) as torch.compile's AOT stage does and has Inductor generate and load its code. Returns each
+    kernel launch in the graph as (kernel name, the tensors torch found it writes), and the generated source."""
     launches = []
 
     def lower(graph_module, example_inputs):
@@ -118,14 +139,14 @@ def _capture(fn, args, aot_function, select_decomp_table, compile_fx_inner, kern
         return compile_fx_inner(graph_module, example_inputs)
 
     compiled = aot_function(fn, fw_compiler=lower, decompositions=select_decomp_table())
-    # One compile thread: no pool of compile workers started for kernels that are never compiled here.
+    # One compile thread: the kernels compile in this process, where the stand-ins are.
     with torch._inductor.config.patch(fx_graph_cache=False, compile_threads=1), pytest.raises(Exception) as raised:
         compiled(*args)
     cause = raised.value
     while cause is not None and not isinstance(cause, _Generated):
         cause = cause.__cause__ or cause.__context__
     if cause is None:
-        raise AssertionError("Inductor did not generate the code") from raised.value
+        raise AssertionError("Inductor did not generate and load the code") from raised.value
     return launches, cause.args[0]
 
 
@@ -175,3 +196,7 @@ def test_ops_compile_for_cuda_and_write_only_their_outputs(capture_for_sm90, mon
             (c["BLOCK_I"], c.get("BLOCK_T", 1), c["num_warps"], c["num_stages"]) for c in _configs_in(source, kernel)
         ]
         assert configs == (fitting[:1] if autotune == "0" else fitting), kernel
+        # Every config compiles (Inductor drops any that do not); the generated configs carry no register cap, so the
+        # forward's capped tile is its uncapped twin there and compiles once.
+        distinct = {tuple(sorted(config.items())) for config in _configs_in(source, kernel)}
+        assert _Compiled.configs_compiled.get(kernel) == len(distinct), f"{kernel}: not every config compiled"
