@@ -41,14 +41,20 @@ def logits_readouts(
 
 
 @triton.jit
+def unmasked(mask_ptrs, in_bounds):
+    """in_bounds, less the words the mask marks out. The mask (bool) is read as bytes: bool loads cost up to 13
+    more registers a thread under Triton 3.6 (sm_90 compile report)."""
+    word_valid = tl.load(mask_ptrs.to(tl.pointer_type(tl.uint8)), mask=in_bounds, other=0)
+    return in_bounds & (word_valid != 0)
+
+
+@triton.jit
 def chunk_rows(mask_ptrs, text_ok, word_ids, L, HAS_MASK: tl.constexpr):
     """(in_bounds, valid) of the BLOCK_L words of a chunk: in_bounds guards the loads, valid (in bounds and not
-    masked) selects the words that take part in the softmax. The mask (bool) is read as bytes: bool loads cost
-    up to 13 more registers a thread under Triton 3.6 (sm_90 compile report)."""
+    masked) selects the words that take part in the softmax."""
     in_bounds = text_ok & (word_ids < L)
     if HAS_MASK:
-        word_valid = tl.load(mask_ptrs.to(tl.pointer_type(tl.uint8)), mask=in_bounds, other=0)
-        return in_bounds, in_bounds & (word_valid != 0)
+        return in_bounds, unmasked(mask_ptrs, in_bounds)
     return in_bounds, in_bounds
 
 
@@ -59,18 +65,14 @@ def text_columns(
 ):  # fmt: skip
     """(in_bounds, valid) of the columns of a product holding BLOCK_T consecutive texts' chunks of BLOCK_L words
     side by side (column c is word c % BLOCK_L of text c // BLOCK_L). texts_left and words_left count from that
-    text and word to Nt and L; Mask_chunk points at the first text's chunk in the mask (read as bytes, as in
-    chunk_rows)."""
+    text and word to Nt and L; Mask_chunk points at the first text's chunk in the mask."""
     cols = tl.arange(0, BLOCK_T * BLOCK_L)
     col_text = cols // BLOCK_L
     col_word = cols % BLOCK_L
     in_bounds = (col_text < texts_left) & (col_word < words_left)
-    valid = in_bounds
     if HAS_MASK:
-        mask_ptrs = (Mask_chunk + col_text * stride_mt + col_word * stride_ml).to(tl.pointer_type(tl.uint8))
-        word_valid = tl.load(mask_ptrs, mask=in_bounds, other=0)
-        valid = in_bounds & (word_valid != 0)
-    return in_bounds, valid
+        return in_bounds, unmasked(Mask_chunk + col_text * stride_mt + col_word * stride_ml, in_bounds)
+    return in_bounds, in_bounds
 
 
 @triton.jit
