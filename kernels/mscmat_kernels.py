@@ -36,6 +36,7 @@ from msa.kernels.tiles import (
     load_rows,
     logits_readouts,
     mma,
+    scaled_shift,
     softmax_output,
     store_stats,
     text_columns,
@@ -217,7 +218,8 @@ def _text_stats(
     BLOCK_I: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     """Softmax statistics of BLOCK_I images against every word chunk of one long text and head: scaled shift,
-    1 / denominator and head output o, each [BLOCK_I] (see finalize); text_ok False makes every word invalid."""
+    1 / denominator and head output o, each [BLOCK_I] (see scaled_shift, finalize); text_ok False makes every word
+    invalid."""
     m = tl.full((BLOCK_I,), float("-inf"), dtype=tl.float32)
     den = tl.zeros((BLOCK_I,), dtype=tl.float32)
     num = tl.zeros((BLOCK_I,), dtype=tl.float32)
@@ -227,13 +229,14 @@ def _text_stats(
             INPUT_PRECISION, UPCAST,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_scaled = tl.where(m_new == float("-inf"), 0.0, m_new * scale_log2)
+        m_scaled = scaled_shift(m_new, scale_log2)
         alpha = tl.exp2(m * scale_log2 - m_scaled)
         p = tl.exp2(s * scale_log2 - m_scaled[:, None])
         den = den * alpha + tl.sum(p, axis=1)
         num = num * alpha + tl.sum(p * r, axis=1)
         m = m_new
-    return finalize(m, den, num, scale_log2)
+    inv_den, head_out = finalize(den, num)
+    return scaled_shift(m, scale_log2), inv_den, head_out
 
 
 @triton.jit
@@ -243,12 +246,12 @@ def _texts_exponentials(
 ):  # fmt: skip
     """The shifted exponentials e and the readouts r of BLOCK_I images against BLOCK_T texts whose words lie side by
     side in k, v (see text_columns), as [BLOCK_I, BLOCK_T, BLOCK_L] with a text's words on the last axis, and each
-    (image, text)'s scaled shift, 1 / denominator and head output o (see finalize): one product per operand pair
-    and one exponential pass, which the backward's gradients reuse (see _product_grads)."""
+    (image, text)'s scaled shift, 1 / denominator and head output o (see scaled_shift, finalize): one product per
+    operand pair and one exponential pass, which the backward's gradients reuse (see _product_grads)."""
     s, r = _texts_logits_readouts(q, u, k, v, valid, INPUT_PRECISION, UPCAST, False, BLOCK_T, BLOCK_L)
-    m = tl.max(s, axis=2)
-    e = tl.exp2(s * scale_log2 - tl.where(m == float("-inf"), 0.0, m * scale_log2)[:, :, None])
-    m_scaled, inv_den, head_out = finalize(m, tl.sum(e, axis=2), tl.sum(e * r, axis=2), scale_log2)
+    m_scaled = scaled_shift(tl.max(s, axis=2), scale_log2)
+    e = tl.exp2(s * scale_log2 - m_scaled[:, :, None])
+    inv_den, head_out = finalize(tl.sum(e, axis=2), tl.sum(e * r, axis=2))
     return e, r, m_scaled, inv_den, head_out
 
 

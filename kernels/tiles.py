@@ -86,11 +86,17 @@ def column_rows(stride_kt, stride_kl, BLOCK_T: tl.constexpr, BLOCK_L: tl.constex
 
 
 @triton.jit
+def scaled_shift(m, scale_log2):
+    """The exponent's shift m * scale_log2 for row maxima m of raw logits; 0 for a row without a valid word
+    (m = -inf), whose exponentials exp2(-inf - 0) are then 0 rather than NaN."""
+    return tl.where(m == float("-inf"), 0.0, m * scale_log2)
+
+
+@triton.jit
 def softmax_output(s, r, scale_log2, AXIS: tl.constexpr):
     """o = sum p r with p the softmax of s (raw logits, masked words at -inf) along AXIS: the words of one text.
     0 for a text without a valid word."""
-    m = tl.max(s, axis=AXIS)
-    m_scaled = tl.where(m == float("-inf"), 0.0, m * scale_log2)
+    m_scaled = scaled_shift(tl.max(s, axis=AXIS), scale_log2)
     p = tl.exp2(s * scale_log2 - tl.expand_dims(m_scaled, AXIS))
     den = tl.sum(p, axis=AXIS)
     num = tl.sum(p * r, axis=AXIS)
@@ -106,13 +112,12 @@ def load_rows(ptrs, valid, d_ok):
 
 
 @triton.jit
-def finalize(m, den, num, scale_log2):
-    """Scaled shift, 1 / denominator and head output o per (image, text); a fully masked text gets o = 0 and
-    1 / den = 0, so all its weights vanish."""
-    m_scaled = tl.where(m == float("-inf"), 0.0, m * scale_log2)
+def finalize(den, num):
+    """1 / denominator and head output o per (image, text); a fully masked text gets o = 0 and 1 / den = 0, so all
+    its weights vanish."""
     has_word = den > 0
     inv_den = tl.where(has_word, 1.0 / tl.where(has_word, den, 1.0), 0.0)
-    return m_scaled, inv_den, num * inv_den
+    return inv_den, num * inv_den
 
 
 @triton.jit
