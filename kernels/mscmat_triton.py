@@ -132,16 +132,18 @@ def _forward(q, u, k, v, word_mask, scale, tile=None):
         return out.zero_()
     q, u, k, v, mask, mask_strides, has_mask = _prepared(q, u, k, v, word_mask)
     block_l, block_d = _block_sizes(num_words, head_dim)
-    kernel, tile_kwargs = mscmat_scores_fwd_kernel, {}
-    if tile is not None:  # the JIT function under the autotuner, with the tile's meta-parameters
-        kernel, tile_kwargs = mscmat_scores_fwd_kernel.fn, config_of(FWD_TILES, tile).all_kwargs()
+    launch, tile_kwargs = wrap_triton(mscmat_scores_fwd_kernel), {}
+    if tile is not None:
+        # The JIT function under the autotuner with the tile's meta-parameters, launched as is: tests call this
+        # eagerly, and torch 2.11's wrap_triton refuses the interpreter's stand-in for a JIT function (2.14's takes it).
+        launch, tile_kwargs = mscmat_scores_fwd_kernel.fn, config_of(FWD_TILES, tile).all_kwargs()
     splits, heads_per_split = _head_splits(num_images, num_texts, heads)
     parts = out if splits == 1 else q.new_empty((splits, num_images, num_texts), dtype=torch.float32)
 
     def grid(meta):
         return (_cdiv(num_images, meta["BLOCK_I"]) * _cdiv(num_texts, meta["BLOCK_T"]), splits)
 
-    wrap_triton(kernel)[grid](
+    launch[grid](
         q, u, k, v, mask, parts,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *mask_strides, out.stride(0),
         num_images * num_texts, num_images, num_texts, num_words, heads, scale * LOG2_E, heads_per_split,
