@@ -99,6 +99,20 @@ def poison_masked_words(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
     return poisoned_k.requires_grad_(k.requires_grad), poisoned_v.requires_grad_(v.requires_grad)
 
 
+def require_triton_kernels():
+    """The triton module, or a skip of the calling test that says why where the installed Triton cannot compile
+    msa's kernels: none installed, or one older than msa.ops.mscmat.TRITON_MIN_VERSION (torch < 2.8 brings one).
+    Reads the version without importing triton (the interpreter tests need TRITON_INTERPRET set before that)."""
+    from msa.ops import mscmat
+
+    problem = mscmat.triton_problem(mscmat._installed_triton_version())
+    if problem:
+        pytest.skip(problem)
+    import triton
+
+    return triton
+
+
 # --- Synthetic datasets (see tests/synthetic_data.py) ---------------------------------------------------------------
 
 

@@ -95,6 +95,7 @@ def test_unmeasured_card_keeps_the_default_order(monkeypatch):
 def test_auto_resolves_to_the_measured_backend(fake_card, monkeypatch):
     monkeypatch.delenv("MSA_BACKEND", raising=False)
     monkeypatch.setattr(mscmat_module, "available_backends", lambda device: BOTH)
+    monkeypatch.setattr(mscmat_module, "backend_available", lambda name, device: name in BOTH)
     assert resolve_backend("auto", "cuda:0", dtype=torch.bfloat16, work=SMALL) == "cuda"
     assert resolve_backend("auto", "cuda:0", dtype=torch.bfloat16, work=SMALL, training=True) == "triton"
     assert resolve_backend("auto", "cuda:0") == "triton"  # no call details: the default order

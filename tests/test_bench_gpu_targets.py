@@ -5,7 +5,7 @@ device check run it)."""
 from __future__ import annotations
 
 import pytest
-from conftest import import_benchmark
+from conftest import import_benchmark, require_triton_kernels
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def bench_gpu_targets():
 
 
 def test_autotuner_choices_reach_the_table(bench_gpu_targets, monkeypatch):
-    triton = pytest.importorskip("triton")
+    triton = require_triton_kernels()
     from msa.kernels import mscmat_kernels
 
     words = mscmat_kernels.mscmat_scores_bwd_words_kernel

@@ -22,12 +22,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_triton_kernels
 
 from msa.ops import mscmat_scores
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: tests/test_ops_gpu.py compiles"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter launches no kernels"),
+    pytest.mark.skipif(
+        tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 11),
+        reason=f"the stand-ins for a GPU cover torch 2.11 (the GPU machine's) and later; torch {torch.__version__}'s "
+        "Inductor reaches for the CUDA driver elsewhere",
+    ),
 ]
 
 # The tensors each kernel may write; the rest (q, u, k, v, the mask, the gradient of the scores) it only reads.
@@ -89,7 +95,7 @@ def _stop_after_loading(load):
 @pytest.fixture
 def capture_for_sm90(monkeypatch):
     """Stand-ins for the card, undone afterwards; yields the capture function (see ``_capture``)."""
-    triton = pytest.importorskip("triton")
+    triton = require_triton_kernels()
     import msa.kernels.mscmat_triton  # noqa: F401  (defines the ops)
 
     (compile_fx_inner, _) = _private("torch._inductor.compile_fx", "compile_fx_inner", "_check_triton_bf16_support")
@@ -119,7 +125,10 @@ def capture_for_sm90(monkeypatch):
     monkeypatch.setattr(graph_lowering, "compile_to_module", _stop_after_loading(graph_lowering.compile_to_module))
     monkeypatch.setattr(caching_autotuner, "_make_launchers", _Compiled.make_launchers)
     _Compiled.configs_compiled = {}
-    monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90Driver())  # (reset_active would look for a GPU)
+    # Set the attribute that holds the active driver (reset_active would look for a GPU): "_active" from Triton
+    # 3.6 on, "active" before.
+    holder = "_active" if hasattr(triton.runtime.driver, "_active") else "active"
+    monkeypatch.setattr(triton.runtime.driver, holder, _Sm90Driver())
     device_properties.create.cache_clear()
     yield lambda fn, args: _capture(fn, args, aot_function, select_decomp_table, compile_fx_inner, kernel_side_table)
     device_properties.create.cache_clear()

@@ -18,7 +18,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import check_close, check_only_asked_gradients, import_benchmark, make_op_inputs, poison_masked_words
+from conftest import (
+    check_close,
+    check_only_asked_gradients,
+    import_benchmark,
+    make_op_inputs,
+    poison_masked_words,
+    require_triton_kernels,
+)
 
 from msa.ops import mscmat_scores_ref
 
@@ -56,7 +63,7 @@ in_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the child 
 
 @pytest.mark.skipif(INTERPRETING, reason="already under the interpreter")
 def test_interpreter_suite_in_child_process():
-    pytest.importorskip("triton")
+    require_triton_kernels()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
@@ -77,7 +84,7 @@ def test_interpreter_suite_in_child_process():
 
 @pytest.fixture(scope="module")
 def triton_module():
-    pytest.importorskip("triton")
+    require_triton_kernels()
     from msa.kernels import mscmat_triton
 
     assert mscmat_triton.INTERPRET

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,20 @@ def test_missing_extension_falls_back_to_reference(monkeypatch):
         resolve_backend("cpu", "cpu")
     q, u, k, v, mask = make_op_inputs(3, 4, 5, 2, 8)
     torch.testing.assert_close(mscmat_scores(q, u, k, v, mask), mscmat_scores_ref(q, u, k, v, mask))
+
+
+@pytest.mark.parametrize("version", ["3.3.1", "3.2.0+git35c6c7c6"])
+def test_triton_older_than_its_kernels_need_is_not_offered(monkeypatch, version):
+    """On a GPU with an older Triton (torch 2.6 and 2.7 bring 3.2 and 3.3), auto takes another backend and an
+    explicit 'triton' says which version it needs, rather than failing in the kernels' compile."""
+    monkeypatch.setattr(dispatcher, "_TRITON_KERNELS_INSTALLED", True)
+    monkeypatch.setattr(dispatcher, "_TRITON_PROBLEM", dispatcher.triton_problem(version))
+    assert "triton" not in available_backends("cuda")
+    with pytest.raises(RuntimeError, match=rf"needs triton >= 3\.4 .* found {re.escape(version)}: install torch"):
+        resolve_backend("triton", "cuda")
+    monkeypatch.setattr(dispatcher, "_TRITON_PROBLEM", dispatcher.triton_problem("3.4.0"))
+    assert "triton" in available_backends("cuda")
+    assert dispatcher.triton_problem(None).startswith("triton is not installed")
 
 
 @needs_cpu_kernel

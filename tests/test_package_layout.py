@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_triton_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_triton_sources_import_nothing_from_msa_ops():
 
 
 def test_msa_kernels_is_found_where_msa_is():
-    pytest.importorskip("triton")
+    require_triton_kernels()
     printed = run_from_repository_root(
         "import msa.kernels.mscmat_triton as m, msa; print(hasattr(m, 'mscmat_scores_triton'))"
     )

@@ -59,7 +59,12 @@ def _device_name(index: int) -> str:
 def nearest_choice(points: list, work: int) -> str:
     """The backend of the measured point whose work is nearest to ``work`` on a log scale."""
     target = math.log(max(work, 1))
-    return min(points, key=lambda point: abs(math.log(point[0]) - target))[1]
+    # A loop rather than min(points, key=...), which torch 2.6's torch.compile cannot trace.
+    chosen, distance = points[0][1], math.inf
+    for point_work, backend in points:
+        if abs(math.log(point_work) - target) < distance:
+            chosen, distance = backend, abs(math.log(point_work) - target)
+    return chosen
 
 
 def measured_choice(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 
 import torch
 
@@ -85,9 +87,43 @@ def saved_softmax_bytes(q: torch.Tensor, k: torch.Tensor) -> int:
     return 2 * heads * num_texts * length * q.shape[0] * itemsize
 
 
+# The Triton kernels compile for sm_90 under Triton 3.4.0, 3.5.1, 3.6.0 and 3.8.0 (benchmarks/kernel_report.py
+# --launched --check); under 3.3.1 every one fails (tl.dot cannot take a None accumulator passed through a helper).
+# torch 2.8 is the first release that installs Triton 3.4.
+TRITON_MIN_VERSION = (3, 4)
+
+
+def _installed_triton_version() -> str | None:
+    """The installed Triton's version, None if there is none; from the package metadata, which is found without
+    importing Triton (torch's nightlies name the package pytorch-triton)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import triton  # a copy without package metadata
+
+    return triton.__version__
+
+
+def triton_problem(version: str | None) -> str:
+    """Why Triton ``version`` (None: not installed) cannot run msa's kernels; "" when it can."""
+    if version is None:
+        return "triton is not installed: `pip install triton`"
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < TRITON_MIN_VERSION:
+        wanted = ".".join(map(str, TRITON_MIN_VERSION))
+        return (
+            f"the 'triton' backend needs triton >= {wanted} (its kernels do not compile under older ones), "
+            f"found {version}: install torch >= 2.8, which brings it"
+        )
+    return ""
+
+
 # Looked up once at import: torch.compile then sees plain constants.
 _COMPILED_KERNELS = {device: _extension.has_kernel(device) for device in ("cpu", "cuda")}
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_PROBLEM = triton_problem(_installed_triton_version())
 _TRITON_KERNELS_INSTALLED = importlib.util.find_spec("msa.kernels") is not None
 
 _HOW_TO_BUILD = (
@@ -99,7 +135,7 @@ _HOW_TO_BUILD = (
 def _triton_available(device: torch.device) -> bool:
     # Under TRITON_INTERPRET=1 triton runs its kernels on CPU tensors (a slow numpy simulation, for testing).
     runs_here = device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    return _TRITON_INSTALLED and runs_here and _TRITON_KERNELS_INSTALLED
+    return not _TRITON_PROBLEM and runs_here and _TRITON_KERNELS_INSTALLED
 
 
 def backend_available(backend: str, device: torch.device | str) -> bool:
@@ -137,8 +173,8 @@ def _unavailable_reason(backend: str, device: torch.device) -> str:
             "msa._C was built without its CUDA kernels; install a CUDA build of torch and the CUDA toolkit, set "
             "CUDA_HOME, then " + _HOW_TO_BUILD + " (MSA_FORCE_CUDA=1 builds them without a visible GPU)"
         )
-    if not _TRITON_INSTALLED:
-        return "triton is not installed: `pip install triton`"
+    if _TRITON_PROBLEM:
+        return _TRITON_PROBLEM
     return f"the 'triton' backend runs on CUDA tensors (or under TRITON_INTERPRET=1), these are on {device}"
 
 
