@@ -105,9 +105,8 @@ def require_triton_kernels():
     Reads the version without importing triton (the interpreter tests need TRITON_INTERPRET set before that)."""
     from msa.ops import mscmat
 
-    problem = mscmat.triton_problem(mscmat._installed_triton_version())
-    if problem:
-        pytest.skip(problem)
+    if mscmat._TRITON_PROBLEM:
+        pytest.skip(mscmat._TRITON_PROBLEM)
     import triton
 
     return triton

@@ -25,12 +25,13 @@ import torch
 from conftest import require_triton_kernels
 
 from msa.ops import mscmat_scores
+from msa.ops.mscmat import _major_minor
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: tests/test_ops_gpu.py compiles"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter launches no kernels"),
     pytest.mark.skipif(
-        tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 11),
+        _major_minor(torch.__version__) < (2, 11),
         reason=f"the stand-ins for a GPU cover torch 2.11 (the GPU machine's) and later; torch {torch.__version__}'s "
         "Inductor reaches for the CUDA driver elsewhere",
     ),

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import require_triton_kernels
 
+from msa.ops.mscmat import _major_minor
+
 REPO = Path(__file__).resolve().parents[1]
 # (L, Dh, mask): the benchmark's short texts at Dh = 64, and long texts (two chunks) at Dh = 128.
 CASES = [(32, 64, False), (150, 128, True)]
@@ -43,7 +45,7 @@ def require_tuned_triton(difference: str) -> None:
     """Skips a test of the tile tables' compiled properties under a Triton older than those they were tuned on
     (3.6, the GPU machine's, and 3.8), saying what differs there."""
     triton = require_triton_kernels()
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
+    if _major_minor(triton.__version__) < (3, 6):
         pytest.skip(f"the tile tables were tuned under Triton 3.6 and 3.8, not {triton.__version__}: {difference}")
 
 

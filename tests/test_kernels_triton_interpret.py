@@ -8,7 +8,6 @@ when this process started, one test here reruns this file in a child pytest proc
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import subprocess
@@ -28,6 +27,7 @@ from conftest import (
 )
 
 from msa.ops import mscmat_scores_ref
+from msa.ops.mscmat import _installed_triton_version, _major_minor
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -35,11 +35,8 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 def _interpreter_cannot_loop() -> str:
     """Why Triton's interpreter cannot run the kernels here ("" if it can). Before Triton 3.7 it turns a loop bound
     (a one-element array) into an int with int(), which newer numpy refuses with a TypeError."""
-    try:
-        version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) >= (3, 7):
+    version = _installed_triton_version()
+    if version is None or _major_minor(version) >= (3, 7):
         return ""
     try:
         with warnings.catch_warnings():

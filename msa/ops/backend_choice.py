@@ -60,10 +60,11 @@ def nearest_choice(points: list, work: int) -> str:
     """The backend of the measured point whose work is nearest to ``work`` on a log scale."""
     target = math.log(max(work, 1))
     # A loop rather than min(points, key=...), which torch 2.6's torch.compile cannot trace.
-    chosen, distance = points[0][1], math.inf
+    chosen, nearest = points[0][1], math.inf
     for point_work, backend in points:
-        if abs(math.log(point_work) - target) < distance:
-            chosen, distance = backend, abs(math.log(point_work) - target)
+        distance = abs(math.log(point_work) - target)
+        if distance < nearest:
+            chosen, nearest = backend, distance
     return chosen
 
 

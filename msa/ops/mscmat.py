@@ -108,11 +108,16 @@ def _installed_triton_version() -> str | None:
     return triton.__version__
 
 
+def _major_minor(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0" or "2.11.0+cu130"."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
 def triton_problem(version: str | None) -> str:
     """Why Triton ``version`` (None: not installed) cannot run msa's kernels; "" when it can."""
     if version is None:
         return "triton is not installed: `pip install triton`"
-    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < TRITON_MIN_VERSION:
+    if _major_minor(version) < TRITON_MIN_VERSION:
         wanted = ".".join(map(str, TRITON_MIN_VERSION))
         return (
             f"the 'triton' backend needs triton >= {wanted} (its kernels do not compile under older ones), "
