@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,25 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+# Seconds the GIL is handed to gloo's worker threads before its process group is destroyed (see destroy_distributed).
+GLOO_TEARDOWN_GRACE_S = 0.2
+
+
+def destroy_distributed() -> None:
+    """Destroy the default process group, if there is one.
+
+    A gloo worker thread frees a collective's tensors after the collective has completed, and freeing a tensor
+    that Python has let go of takes the GIL. torch 2.6 destroys a gloo group holding the GIL while it joins those
+    threads, so a thread still freeing the last collective's buffers deadlocks the process (about one teardown in
+    ten on two loaded cores; pytorch/pytorch#154976 releases the GIL there). Sleeping first hands the GIL to them.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        time.sleep(GLOO_TEARDOWN_GRACE_S)
+    dist.destroy_process_group()
 
 
 def gather_features(features: Any) -> Any:

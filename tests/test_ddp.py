@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from msa.distributed import all_gather_no_grad, all_gather_with_grad
+from msa.distributed import all_gather_no_grad, all_gather_with_grad, destroy_distributed
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 3
@@ -76,7 +76,7 @@ def _worker(rank: int, port: int, result_path: str) -> None:
     if rank == 0:
         torch.save(results, result_path)
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 def _run(worker, result_path: str) -> None:
@@ -120,7 +120,7 @@ def _gather_worker(rank: int, port: int, result_path: str) -> None:
     ids = all_gather_no_grad(torch.tensor([rank]))
     if rank == 0:
         torch.save({"gathered": gathered.detach(), "grad": weight.grad, "ids": ids}, result_path)
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 def test_gather_keeps_local_gradient_scaled_for_mean_reduction():
@@ -138,3 +138,12 @@ def test_gather_keeps_local_gradient_scaled_for_mean_reduction():
 def test_gather_is_identity_without_process_group(shape):
     tensor = torch.randn(shape, requires_grad=True)
     assert all_gather_with_grad(tensor) is tensor and all_gather_no_grad(tensor) is tensor
+
+
+def test_destroy_distributed_ends_a_gloo_group_and_does_nothing_without_one(tmp_path):
+    destroy_distributed()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    summed = torch.ones(3)
+    dist.all_reduce(summed)
+    destroy_distributed()
+    assert not dist.is_initialized() and summed.tolist() == [1.0, 1.0, 1.0]

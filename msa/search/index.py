@@ -567,9 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if started:
-            import torch.distributed as dist
+            from msa.distributed import destroy_distributed
 
-            dist.destroy_process_group()
+            destroy_distributed()
     if rank == 0:
         print(
             f"{args.out}: {report.indexed} images indexed ({report.encoded} encoded, {report.reused} unchanged, "

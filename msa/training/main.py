@@ -22,8 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from msa import distributed as msa_dist
 from msa.data import AnnotationError, ImageLoadError
 from msa.evaluation import metrics_table
@@ -102,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msa-train: error: {error}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        msa_dist.destroy_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(report(result))
     return 0
